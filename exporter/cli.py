@@ -1,0 +1,216 @@
+"""The `jobstats-exporter` command: serve (default), check, demo, simulate.
+
+Turns flags and environment into a Config, and a ConfigError into one line on
+stderr and exit status 2. An upstream fault is never a traceback here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from types import FrameType
+from typing import NoReturn
+
+from . import __version__
+from .card import render_card
+from .client import redact_url
+from .config import DEFAULT_PORT, SETTINGS, Config, load_config, parse_listen_address
+from .errors import ConfigError, FetchError, ParseError
+from .logs import configure_logging
+from .model import parse_stats
+from .schedule import CronSchedules
+from .server import Exporter, MetricsServer, log
+
+__all__ = ["main"]
+
+PROG = "jobstats-exporter"
+#: Seconds the simulation has run before its first answer, so the first scrape is not all zeros.
+SIMULATION_WARM_UP = 600
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, like every other configuration error, instead of usage plus message.
+        self.exit(2, f"{PROG}: {message} (see {PROG} --help)\n")
+
+
+def _setting_flags() -> _Parser:
+    flags = _Parser(add_help=False)
+    for setting in SETTINGS:
+        flags.add_argument(
+            setting.flag,
+            dest=setting.key,
+            default=argparse.SUPPRESS,
+            metavar=setting.key.rpartition(".")[2].upper(),
+            help=f"{setting.help} (env {setting.env})",
+        )
+    flags.add_argument(
+        "--config.file",
+        dest="config.file",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="YAML file with the same settings (env JOBSTATS_CONFIG_FILE)",
+    )
+    flags.add_argument(
+        "--config.check",
+        dest="config.check",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="validate the configuration and exit (0 valid, 2 invalid)",
+    )
+    return flags
+
+
+def _parser() -> _Parser:
+    common = _setting_flags()
+    parser = _Parser(
+        prog=PROG,
+        parents=[common],
+        description="Prometheus exporter for the background job stats API "
+        f"(BullMQ queues over Redis). Serves /metrics on :{DEFAULT_PORT} by default.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser("serve", parents=[common], help="serve /metrics (the default)")
+    commands.add_parser(
+        "check", parents=[common], help="fetch the stats once and print them like the admin card"
+    )
+    demo = commands.add_parser(
+        "demo", parents=[common], help="run a simulated stats API and serve the exporter on it"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="seed of the simulation")
+    simulate = commands.add_parser("simulate", help="run only the simulated stats API")
+    simulate.add_argument(
+        "--simulate.listen-address",
+        dest="simulate_address",
+        default="127.0.0.1:3001",
+        help="address of the simulated API (default 127.0.0.1:3001)",
+    )
+    simulate.add_argument("--seed", type=int, default=0, help="seed of the simulation")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    args = vars(_parser().parse_args(argv))
+    environ = os.environ if environ is None else environ
+    command = args.pop("command", None) or "serve"
+    check_only = bool(args.pop("config.check", False))
+    flags = {key: value for key, value in args.items() if isinstance(value, str) and "." in key}
+    try:
+        if command == "demo" and "web.listen_address" not in flags:
+            flags["web.listen_address"] = f"127.0.0.1:{DEFAULT_PORT}"
+        config = load_config(flags, environ)
+        if command == "simulate":
+            parse_listen_address(args["simulate_address"])
+    except (ConfigError, ValueError) as error:
+        print(f"{PROG}: config error: {error}", file=sys.stderr)
+        return 2
+    if check_only:
+        print(f"{PROG}: configuration is valid")
+        return 0
+    configure_logging(config.log_level, config.log_format)
+    if command == "check":
+        return _check(config)
+    if command == "simulate":
+        return _simulate(args["simulate_address"], args["seed"])
+    if command == "demo":
+        return _demo(config, args["seed"])
+    return _serve(config)
+
+
+def _serve(config: Config, announce: str | None = None) -> int:
+    exporter = Exporter(config)
+    try:
+        server = MetricsServer(exporter, config.web_listen_address)
+    except OSError as error:
+        exporter.close()
+        print(
+            f"{PROG}: cannot listen on {config.web_listen_address}: {error.strerror}",
+            file=sys.stderr,
+        )
+        return 1
+    _stop_on_sigterm()
+    log.info(
+        "listening",
+        extra={
+            "address": server.url,
+            "api_url": redact_url(config.api_url),
+            "version": __version__,
+        },
+    )
+    if announce:
+        print(announce.format(url=server.url), flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        log.info("shutting down")
+        server.server_close()
+        exporter.close()
+    return 0
+
+
+def _check(config: Config) -> int:
+    exporter = Exporter(config)
+    try:
+        stats = parse_stats(exporter.client.fetch(config.api_timeout))
+    except (FetchError, ParseError) as error:
+        print(f"{PROG} check: {error.reason}: {error}", file=sys.stderr)
+        return 1
+    finally:
+        exporter.close()
+    color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    schedules = CronSchedules(config.cron_timezone)
+    sys.stdout.write(render_card(stats, time.time(), schedules, redact_url(config.api_url), color))
+    return 1 if stats.invalid else 0
+
+
+def _start_simulator(address: str, seed: int) -> tuple[object, str]:
+    from .demo import Simulation, make_simulator_server
+
+    server = make_simulator_server(
+        parse_listen_address(address), Simulation(seed=seed, start=time.time() - SIMULATION_WARM_UP)
+    )
+    threading.Thread(target=server.serve_forever, name="simulator", daemon=True).start()
+    host, port = server.server_address[:2]
+    return server, f"http://{host!s}:{port}/api/jobs/stats"
+
+
+def _simulate(address: str, seed: int) -> int:
+    try:
+        _server, url = _start_simulator(address, seed)
+    except OSError as error:
+        print(f"{PROG}: cannot listen on {address}: {error.strerror}", file=sys.stderr)
+        return 1
+    _stop_on_sigterm()
+    print(f"simulated stats API at {url}", flush=True)
+    with contextlib.suppress(KeyboardInterrupt):
+        threading.Event().wait()
+    return 0
+
+
+def _demo(config: Config, seed: int) -> int:
+    _server, url = _start_simulator("127.0.0.1:0", seed)
+    print(f"demo: simulated stats API at {url}", flush=True)
+    demo_config = dataclasses.replace(config, api_url=url)
+    return _serve(demo_config, announce="demo: exporter at {url}/metrics (Ctrl-C stops)")
+
+
+def _stop_on_sigterm() -> None:
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def main_entry() -> NoReturn:
+    """The console script: `main()` with the process's arguments and environment."""
+    sys.exit(main())

@@ -1,0 +1,199 @@
+"""Settings from flags, environment variables and a strict YAML file.
+
+A flag wins over its variable, a variable over the file, the file over the
+default. Every value is checked here, before anything is served; a bad one is
+a ConfigError whose one-line message names the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+
+from .client import DEFAULT_MAX_BODY_BYTES
+from .errors import ConfigError
+
+__all__ = ["DEFAULT_PORT", "SETTINGS", "Config", "Setting", "load_config", "parse_listen_address"]
+
+#: Not taken by a well-known service nor, when chosen, by Prometheus' port allocations list.
+DEFAULT_PORT = 9787
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything the exporter needs to run, already validated."""
+
+    api_url: str = "http://localhost:3001/api/jobs/stats"
+    api_timeout: float = 10.0
+    api_max_body_size: int = DEFAULT_MAX_BODY_BYTES
+    web_listen_address: str = f":{DEFAULT_PORT}"
+    cron_timezone: str = "UTC"
+    log_level: str = "info"
+    log_format: str = "logfmt"
+    config_file: str | None = None
+
+
+def _url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+    return value
+
+
+_DURATION = re.compile(r"(?P<number>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h)?\Z")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def _duration(value: str) -> float:
+    match = _DURATION.match(value.strip())
+    seconds = float(match["number"]) * _UNIT_SECONDS[match["unit"]] if match else 0.0
+    if not match or not 0 < seconds <= 3600:
+        raise ValueError(f"expected a duration from 1ms to 1h such as 10s or 500ms, got {value!r}")
+    return seconds
+
+
+_SIZE = re.compile(r"(?P<number>\d+)(?P<unit>B|KiB|MiB|GiB)?\Z")
+_UNIT_BYTES = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, None: 1}
+
+
+def _size(value: str) -> int:
+    match = _SIZE.match(value.strip())
+    size = int(match["number"]) * _UNIT_BYTES[match["unit"]] if match else 0
+    if not match or size < 1:
+        raise ValueError(f"expected a size such as 5MiB, 512KiB or 1000000, got {value!r}")
+    return size
+
+
+def parse_listen_address(value: str) -> tuple[str, int]:
+    """`host:port`, `:port` (every interface) or `[::1]:port` to (host, port)."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(
+            f"expected host:port such as :{DEFAULT_PORT} or 127.0.0.1:9787, got {value!r}"
+        )
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _listen_address(value: str) -> str:
+    parse_listen_address(value)
+    return value
+
+
+def _timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"expected an IANA time zone such as UTC or Europe/Berlin, got {value!r}"
+        ) from None
+    return value
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return check
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One setting: its flag, variable, YAML path, Config field and check."""
+
+    key: str  # the YAML path, `api.timeout`; the flag is `--api.timeout`
+    field: str
+    check: Callable[[str], Any]
+    help: str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.key.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "JOBSTATS_" + re.sub(r"[.-]", "_", self.key).upper()
+
+
+SETTINGS = (
+    Setting("api.url", "api_url", _url, "URL of the job stats API"),
+    Setting(
+        "api.timeout",
+        "api_timeout",
+        _duration,
+        "deadline for one whole upstream exchange; bounded by Prometheus' scrape timeout",
+    ),
+    Setting("api.max_body_size", "api_max_body_size", _size, "largest upstream answer read"),
+    Setting(
+        "web.listen_address", "web_listen_address", _listen_address, "address to serve /metrics on"
+    ),
+    Setting("cron.timezone", "cron_timezone", _timezone, "time zone the cron patterns are read in"),
+    Setting("log.level", "log_level", _choice("debug", "info", "warn", "error"), "log level"),
+    Setting("log.format", "log_format", _choice("logfmt", "json"), "log line format"),
+)
+
+
+def load_config(flags: Mapping[str, str], environ: Mapping[str, str]) -> Config:
+    """Build the Config. `flags` maps setting keys (`api.url`) to the flags given.
+
+    `config.file` is itself a flag (`--config.file`) or JOBSTATS_CONFIG_FILE.
+    """
+    config_file = flags.get("config.file") or environ.get("JOBSTATS_CONFIG_FILE") or None
+    from_file = _read_file(config_file) if config_file else {}
+    values: dict[str, Any] = {"config_file": config_file}
+    for setting in SETTINGS:
+        if setting.key in flags:
+            raw, source = flags[setting.key], setting.flag
+        elif setting.env in environ:
+            raw, source = environ[setting.env], setting.env
+        elif setting.key in from_file:
+            raw, source = from_file[setting.key], f"{config_file}"
+        else:
+            continue
+        try:
+            values[setting.field] = setting.check(str(raw))
+        except ValueError as error:
+            raise ConfigError(f"{setting.key} (from {source}): {error}") from None
+    return Config(**values)
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    """The file's settings, flattened to their keys; unknown keys are errors."""
+    try:
+        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"config.file: cannot read {path}: {error.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" line {where.line + 1}" if where is not None else ""
+        raise ConfigError(f"config.file: {path}{line} is not valid YAML") from None
+    if document is None:
+        return {}
+    known = {setting.key for setting in SETTINGS}
+    flat: dict[str, Any] = {}
+    _flatten(document, "", flat, path)
+    for key, value in flat.items():
+        if key not in known:
+            raise ConfigError(f"{key}: unknown key in {path}")
+        if value is None or isinstance(value, dict | list | bool):
+            raise ConfigError(f"{key} (from {path}): expected a single value, got {value!r}")
+    return flat
+
+
+def _flatten(node: Any, prefix: str, into: dict[str, Any], path: str) -> None:
+    if not isinstance(node, dict):
+        raise ConfigError(f"{prefix or 'config.file'}: expected a mapping in {path}")
+    for name, value in node.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict):
+            _flatten(value, f"{key}.", into, path)
+        else:
+            into[key] = value

@@ -1,0 +1,19 @@
+"""The captured upstream answers (tests/fixtures/samples), for every test to use."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SAMPLES = Path(__file__).parent / "fixtures" / "samples"
+
+
+def sample(name: str) -> dict[str, Any]:
+    """A captured answer (tests/fixtures/samples/NAME.json) as a dict, to edit freely."""
+    document: dict[str, Any] = json.loads((SAMPLES / f"{name}.json").read_text())
+    return document
+
+
+def sample_bytes(name: str) -> bytes:
+    return (SAMPLES / f"{name}.json").read_bytes()
