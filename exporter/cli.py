@@ -42,7 +42,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _setting_flags() -> _Parser:
-    flags = _Parser(add_help=False)
+    flags = _Parser(add_help=False, allow_abbrev=False)
     for setting in SETTINGS:
         flags.add_argument(
             setting.flag,
@@ -72,6 +72,7 @@ def _parser() -> _Parser:
     common = _setting_flags()
     parser = _Parser(
         prog=PROG,
+        allow_abbrev=False,
         parents=[common],
         description="Prometheus exporter for the background job stats API "
         f"(BullMQ queues over Redis). Serves /metrics on :{DEFAULT_PORT} by default.",
@@ -97,8 +98,24 @@ def _parser() -> _Parser:
     return parser
 
 
+def _reject_unknown_flags(parser: _Parser, argv: Sequence[str]) -> None:
+    """Name an unknown flag first: argparse would blame the value after it as a COMMAND."""
+    known = {"--"}
+    for action in parser._actions:
+        known.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                known.update(o for a in sub._actions for o in a.option_strings)
+    for token in argv:
+        if token.startswith("--") and token.split("=", 1)[0] not in known:
+            parser.error(f"unknown flag {token.split('=', 1)[0]}")
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    args = vars(_parser().parse_args(argv))
+    parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
+    _reject_unknown_flags(parser, argv)
+    args = vars(parser.parse_args(argv))
     environ = os.environ if environ is None else environ
     command = args.pop("command", None) or "serve"
     check_only = bool(args.pop("config.check", False))

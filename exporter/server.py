@@ -32,6 +32,8 @@ __all__ = ["SCRAPE_TIMEOUT_MARGIN", "Exporter", "MetricsServer", "scrape_timeout
 #: Seconds kept back from Prometheus' scrape timeout, so our answer arrives before it gives up.
 SCRAPE_TIMEOUT_MARGIN = 0.5
 
+_TEXT = "text/plain; charset=utf-8"
+
 log = logging.getLogger("jobstats_exporter")
 
 
@@ -143,19 +145,25 @@ class _Handler(BaseHTTPRequestHandler):
         exporter = cast(MetricsServer, self.server).exporter
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            body, content_type = exporter.metrics(
-                self.headers.get("Accept"),
-                self.headers.get("X-Prometheus-Scrape-Timeout-Seconds"),
-            )
+            try:
+                body, content_type = exporter.metrics(
+                    self.headers.get("Accept"),
+                    self.headers.get("X-Prometheus-Scrape-Timeout-Seconds"),
+                )
+            except Exception:
+                # Upstream faults never get here (the collector answers them); this is a bug.
+                log.exception("scrape failed on an internal error")
+                self._answer(500, b"Internal error, see the exporter's log\n", _TEXT)
+                return
             self._answer(200, body, content_type)
         elif path == "/":
             self._answer(200, exporter.landing_page(), "text/html; charset=utf-8")
         elif path == "/-/healthy":
-            self._answer(200, b"Healthy\n", "text/plain; charset=utf-8")
+            self._answer(200, b"Healthy\n", _TEXT)
         elif path == "/-/ready":
-            self._answer(200, b"Ready\n", "text/plain; charset=utf-8")
+            self._answer(200, b"Ready\n", _TEXT)
         else:
-            self._answer(404, b"Not found. Metrics are at /metrics\n", "text/plain; charset=utf-8")
+            self._answer(404, b"Not found. Metrics are at /metrics\n", _TEXT)
 
     def _answer(self, status: int, body: bytes, content_type: str) -> None:
         self.send_response(status)

@@ -1,0 +1,133 @@
+"""The upstream call: what it sends, the size cap, and a deadline over the whole exchange."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+from collections.abc import AsyncIterator, Iterator
+
+import httpx
+import pytest
+import respx
+
+from exporter.client import StatsClient, redact_url
+from exporter.errors import FetchError, ParseError
+
+from samples import sample_bytes
+
+URL = "http://api.test:3001/api/jobs/stats"
+
+
+@pytest.fixture
+def client() -> Iterator[StatsClient]:
+    stats_client = StatsClient(URL, max_body_bytes=64 * 1024)
+    yield stats_client
+    stats_client.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://user:pass@host:3001/api/jobs/stats?token=t#x", "http://host:3001/api/jobs/stats"),
+        ("https://host/api", "https://host/api"),
+        ("http://[::1]:3001/a", "http://[::1]:3001/a"),
+    ],
+)
+def test_redact_url_drops_credentials_and_query(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+@respx.mock
+def test_fetch_sends_one_get_asking_for_json(client: StatsClient) -> None:
+    route = respx.get(URL).respond(200, content=sample_bytes("enabled"))
+    assert client.fetch(5) == sample_bytes("enabled")
+    assert route.call_count == 1
+    request = route.calls.last.request
+    assert request.headers["Accept"] == "application/json"
+    assert request.headers["User-Agent"].startswith("jobstats-exporter/")
+
+
+@respx.mock
+def test_declared_length_over_the_cap_is_too_large(client: StatsClient) -> None:
+    respx.get(URL).respond(200, content=b"x" * (64 * 1024 + 1))
+    with pytest.raises(FetchError) as caught:
+        client.fetch(5)
+    assert caught.value.reason == "too_large"
+
+
+@respx.mock
+def test_compressed_body_is_capped_after_decompression(client: StatsClient) -> None:
+    bomb = gzip.compress(b" " * (10 * 1024 * 1024))
+    respx.get(URL).mock(
+        return_value=httpx.Response(
+            200, headers={"Content-Encoding": "gzip"}, stream=httpx.ByteStream(bomb)
+        )
+    )
+    assert len(bomb) < 64 * 1024
+    with pytest.raises(FetchError) as caught:
+        client.fetch(5)
+    assert caught.value.reason == "too_large"
+
+
+@respx.mock
+def test_corrupt_compressed_body_is_invalid_json(client: StatsClient) -> None:
+    respx.get(URL).mock(
+        return_value=httpx.Response(
+            200, headers={"Content-Encoding": "gzip"}, stream=httpx.ByteStream(b"not gzip")
+        )
+    )
+    with pytest.raises(ParseError) as caught:
+        client.fetch(5)
+    assert caught.value.reason == "invalid_json"
+
+
+@pytest.mark.parametrize("status", [201, 204])
+@respx.mock
+def test_any_2xx_is_read(client: StatsClient, status: int) -> None:
+    respx.get(URL).respond(status, content=b"{}")
+    assert client.fetch(5) == b"{}"
+
+
+@pytest.mark.parametrize("status", [301, 400, 401, 404, 500, 502, 503, 504])
+@respx.mock
+def test_other_statuses_are_http_status_and_name_the_code(client: StatsClient, status: int) -> None:
+    respx.get(URL).respond(status, content=sample_bytes("enabled"))
+    with pytest.raises(FetchError) as caught:
+        client.fetch(5)
+    assert caught.value.reason == "http_status"
+    assert f"HTTP status {status}" in str(caught.value)
+
+
+def test_a_trickling_body_still_times_out() -> None:
+    async def trickle() -> AsyncIterator[bytes]:
+        # Each byte comes well within the timeout; the whole never does.
+        for _ in range(1000):
+            await asyncio.sleep(0.05)
+            yield b" "
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=trickle())
+
+    stats_client = StatsClient(URL, transport=httpx.MockTransport(handler))
+    try:
+        with pytest.raises(FetchError) as caught:
+            stats_client.fetch(0.3)
+    finally:
+        stats_client.close()
+    assert caught.value.reason == "timeout"
+
+
+def test_connection_refused_is_connect() -> None:
+    stats_client = StatsClient("http://127.0.0.1:9/api/jobs/stats")
+    try:
+        with pytest.raises(FetchError) as caught:
+            stats_client.fetch(2)
+    finally:
+        stats_client.close()
+    assert caught.value.reason == "connect"
+
+
+def test_close_is_idempotent() -> None:
+    stats_client = StatsClient(URL)
+    stats_client.close()
+    stats_client.close()
