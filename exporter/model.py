@@ -100,7 +100,9 @@ def parse_stats(body: bytes) -> Stats:
         raise ParseError("invalid_payload", "", f"expected a JSON object, got {_kind(document)}")
     if document.get("success") is not True:
         raise ParseError(
-            "api_failure", "success", f"expected true, got {_show(document.get('success'))}"
+            "api_failure",
+            "success",
+            f"expected true, got {_show_plain(document.get('success', _MISSING))}",
         )
     stats = document.get("stats")
     if not isinstance(stats, dict):
@@ -150,6 +152,9 @@ def _reject_constant(name: str) -> Any:
 
 def _parse_queue(name: str, entry: Mapping[str, Any]) -> QueueStats:
     path = queue_path(name)
+    if not name:
+        # Prometheus reads an empty label value as no label: the series would lose their queue.
+        raise ParseError("invalid_payload", path, "a queue name must not be empty")
     counts = {state: _count(entry.get(state, _MISSING), f"{path}.{state}") for state in BASE_STATES}
     extra = tuple(
         (field, value)
@@ -222,6 +227,15 @@ def _show(value: Any) -> str:
         return _kind(value)
     text = json.dumps(value, ensure_ascii=True)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _show_plain(value: Any) -> str:
+    """Like _show, but a string or number is named by its kind only: it may be a message."""
+    return (
+        _show(value)
+        if value is None or value is _MISSING or isinstance(value, bool)
+        else _kind(value)
+    )
 
 
 def _first_line(error: Exception) -> str:

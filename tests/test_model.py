@@ -230,6 +230,20 @@ def test_unusable_answer_raises_parse_error_with_its_reason(
     assert caught.value.path == path
 
 
+def test_empty_queue_name_is_malformed_since_prometheus_would_drop_the_label() -> None:
+    document = sample("enabled")
+    document["stats"][""] = document["stats"]["inventory"]
+    stats = parse(document)
+    assert [q.name for q in stats.queues] == ["inventory", "product"]
+    assert stats.invalid[0].path == 'stats[""]'
+
+
+def test_success_of_the_wrong_kind_is_named_by_kind_not_quoted() -> None:
+    with pytest.raises(ParseError) as caught:
+        parse_stats(b'{"success": "SECRET-BODY-MARKER"}')
+    assert str(caught.value) == "success: expected true, got a string"
+
+
 def test_parse_error_never_quotes_the_body() -> None:
     with pytest.raises(ParseError) as caught:
         parse_stats(b"<html>SECRET-BODY-MARKER</html>")
@@ -278,7 +292,7 @@ def test_any_bytes_give_stats_or_parse_error(body: bytes) -> None:
 def test_any_queue_name_is_kept_exactly(name: str) -> None:
     document = sample("enabled")
     document["stats"] = {name: document["stats"]["inventory"]}
-    if name == "redisStatus":
+    if name in ("redisStatus", ""):
         assert parse(document).queues == ()
     else:
         assert [q.name for q in parse(document).queues] == [name]
