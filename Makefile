@@ -18,9 +18,11 @@ lint: $(VENV)/.test
 unit: $(VENV)/.test
 	$(BIN)/pytest
 
-# promtool lints our exposition in the tests; Debian ships it in `prometheus`.
+# The tests run Debian's prometheus, promtool, alertmanager and amtool for real.
 system-deps:
-	@command -v promtool >/dev/null || scripts/install-system-deps
+	@for tool in prometheus promtool prometheus-alertmanager amtool; do \
+	  command -v $$tool >/dev/null || { scripts/install-system-deps; break; }; \
+	done
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
