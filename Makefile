@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint unit system-deps clean
+.PHONY: demo test lint unit system-deps dashboards clean
 
 demo: $(VENV)/.runtime
 	$(BIN)/jobstats-exporter demo
@@ -17,6 +17,10 @@ lint: $(VENV)/.test
 
 unit: $(VENV)/.test
 	$(BIN)/pytest
+
+# Regenerate grafana/dashboards/*.json after changing grafana/build_dashboards.py.
+dashboards: $(VENV)/.test
+	$(BIN)/python grafana/build_dashboards.py
 
 # The tests run Debian's prometheus, promtool, alertmanager and amtool for real.
 system-deps:
