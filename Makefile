@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint unit system-deps dashboards clean
+.PHONY: demo test lint unit system-deps generate dashboards clean
 
 demo: $(VENV)/.runtime
 	$(BIN)/jobstats-exporter demo
@@ -18,13 +18,19 @@ lint: $(VENV)/.test
 unit: $(VENV)/.test
 	$(BIN)/pytest
 
-# Regenerate grafana/dashboards/*.json after changing grafana/build_dashboards.py.
-dashboards: $(VENV)/.test
+# Regenerate what is built from other files: the dashboard JSON from
+# grafana/build_dashboards.py, then the Kubernetes manifests that copy the
+# rules and the dashboard. The tests fail while any of them is stale.
+generate: $(VENV)/.test
 	$(BIN)/python grafana/build_dashboards.py
+	$(BIN)/python deploy/kubernetes/build_manifests.py
 
-# The tests run Debian's prometheus, promtool, alertmanager and amtool for real.
+dashboards: generate
+
+# The tests run Debian's prometheus, promtool, alertmanager, amtool and
+# docker-compose (its config parser) for real.
 system-deps:
-	@for tool in prometheus promtool prometheus-alertmanager amtool; do \
+	@for tool in prometheus promtool prometheus-alertmanager amtool docker-compose; do \
 	  command -v $$tool >/dev/null || { scripts/install-system-deps; break; }; \
 	done
 

@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Mapping, Sequence
 from types import FrameType
 from typing import NoReturn
@@ -87,6 +88,11 @@ def _parser() -> _Parser:
         "demo", parents=[common], help="run a simulated stats API and serve the exporter on it"
     )
     demo.add_argument("--seed", type=int, default=0, help="seed of the simulation")
+    commands.add_parser(
+        "healthcheck",
+        parents=[common],
+        help="exit 0 when the exporter on --web.listen-address answers /-/healthy (for containers)",
+    )
     simulate = commands.add_parser("simulate", help="run only the simulated stats API")
     simulate.add_argument(
         "--simulate.listen-address",
@@ -133,6 +139,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         print(f"{PROG}: configuration is valid")
         return 0
     configure_logging(config.log_level, config.log_format)
+    if command == "healthcheck":
+        return _healthcheck(config)
     if command == "check":
         return _check(config)
     if command == "simulate":
@@ -188,6 +196,20 @@ def _check(config: Config) -> int:
     schedules = CronSchedules(config.cron_timezone)
     sys.stdout.write(render_card(stats, time.time(), schedules, redact_url(config.api_url), color))
     return 1 if stats.invalid else 0
+
+
+def _healthcheck(config: Config) -> int:
+    host, port = parse_listen_address(config.web_listen_address)
+    # An exporter listening on every interface answers on the loopback too.
+    host = host if host not in ("", "0.0.0.0", "::") else "127.0.0.1"
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/-/healthy"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            healthy = response.status == 200
+    except OSError as error:
+        print(f"{PROG} healthcheck: {url}: {error}", file=sys.stderr)
+        return 1
+    return 0 if healthy else 1
 
 
 def _start_simulator(address: str, seed: int) -> tuple[object, str]:
