@@ -15,6 +15,9 @@ from .schedule import CronSchedules
 
 __all__ = ["countdown", "render_card"]
 
+#: A next run later than this is a stuck schedule, as for the JobStatsRecurringJobOverdue alert.
+OVERDUE_GRACE_SECONDS = 120
+
 _Paint = Callable[[str, str], str]
 _COLORS = {"active": "32", "paused": "33", "stopped": "31", "unknown": "90"}
 _STATE_COLORS = {
@@ -62,10 +65,16 @@ def render_card(
     if stats.invalid:
         lines.append("")
     all_active = all(queue.status == "active" for queue in stats.queues)
-    healthy = stats.redis_available is not False and all_active and not stats.invalid
+    overdue = any(_overdue_seconds(queue, now) > OVERDUE_GRACE_SECONDS for queue in stats.queues)
+    healthy = (
+        stats.redis_available is not False and all_active and not overdue and not stats.invalid
+    )
     total = sum(queue.completed for queue in stats.queues)
     status = paint("healthy", "32") if healthy else paint("needs attention", "31")
-    lines.append(f"System: {status}; {len(stats.queues)} queues; total completed {total}")
+    count = len(stats.queues)
+    lines.append(
+        f"System: {status}; {count} queue{'' if count == 1 else 's'}; total completed {total}"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -102,6 +111,13 @@ def _queue_lines(
         + paint(f"recurring: {recurring.count} job{plural}, {schedule_text}, {next_text}", "33")
     )
     return lines
+
+
+def _overdue_seconds(queue: QueueStats, now: float) -> float:
+    recurring = queue.recurring
+    if recurring is None or recurring.next_run_ms is None:
+        return 0.0
+    return now - recurring.next_run_ms / 1000
 
 
 def _printable(text: str) -> str:

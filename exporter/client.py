@@ -100,13 +100,26 @@ class StatsClient:
                         raise FetchError(
                             "http_status", f"GET {where}: HTTP status {response.status_code}"
                         )
-                    return await self._read_capped(response, where)
+                    try:
+                        return await self._read_capped(response, where)
+                    except httpx.TimeoutException:
+                        raise
+                    except httpx.TransportError as error:
+                        # A 2xx whose body broke off: the answer is not JSON, the network was fine.
+                        raise ParseError(
+                            "invalid_json",
+                            "",
+                            f"GET {where}: answer cut short ({type(error).__name__})",
+                        ) from None
         except (TimeoutError, httpx.TimeoutException):
             raise FetchError(
                 "timeout", f"GET {where}: no complete answer within {timeout:g}s"
             ) from None
         except httpx.DecodingError:
             raise ParseError("invalid_json", "", "body could not be decompressed") from None
+        except (httpx.InvalidURL, UnicodeError) as error:
+            # The config check reads URLs as httpx does; this is a net under it.
+            raise FetchError("connect", f"GET {where}: invalid URL: {error}") from None
         except httpx.TransportError as error:
             raise FetchError("connect", f"GET {where}: {type(error).__name__}: {error}") from None
 

@@ -12,9 +12,9 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import httpx
 import yaml
 
 from .client import DEFAULT_MAX_BODY_BYTES
@@ -41,9 +41,17 @@ class Config:
 
 
 def _url(value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+    problem = f"expected an http:// or https:// URL with a host, got {value!r}"
+    try:
+        # Read as the client will read it, so that no URL passes here and fails at a scrape.
+        url = httpx.URL(value)
+        port = url.port
+    except (httpx.InvalidURL, UnicodeError, ValueError):
+        raise ValueError(problem) from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise ValueError(problem)
+    if port is not None and not 0 < port <= 65535:
+        raise ValueError(f"expected a port from 1 to 65535 in {value!r}")
     return value
 
 
@@ -74,11 +82,21 @@ def _size(value: str) -> int:
 def parse_listen_address(value: str) -> tuple[str, int]:
     """`host:port`, `:port` (every interface) or `[::1]:port` to (host, port)."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
+    bracketed = host.startswith("[") and host.endswith("]") and len(host) > 2
+    if bracketed:
+        host = host[1:-1]
+    if (
+        not sep
+        or not port.isdigit()
+        or int(port) > 65535
+        or any(c in host for c in "[]/ ")
+        or (":" in host and not bracketed)
+    ):
         raise ValueError(
-            f"expected host:port such as :{DEFAULT_PORT} or 127.0.0.1:9787, got {value!r}"
+            f"expected host:port such as :{DEFAULT_PORT}, 127.0.0.1:9787 or [::1]:9787,"
+            f" got {value!r}"
         )
-    return host.removeprefix("[").removesuffix("]"), int(port)
+    return host, int(port)
 
 
 def _listen_address(value: str) -> str:
@@ -168,9 +186,11 @@ def load_config(flags: Mapping[str, str], environ: Mapping[str, str]) -> Config:
 def _read_file(path: str) -> dict[str, Any]:
     """The file's settings, flattened to their keys; unknown keys are errors."""
     try:
-        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        document = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_StrictLoader)
     except OSError as error:
         raise ConfigError(f"config.file: cannot read {path}: {error.strerror}") from None
+    except _DuplicateKeyError as error:
+        raise ConfigError(f"{error.key}: given twice in {path}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         where = getattr(error, "problem_mark", None)
         line = f" line {where.line + 1}" if where is not None else ""
@@ -188,11 +208,39 @@ def _read_file(path: str) -> dict[str, Any]:
     return flat
 
 
+class _DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice, which YAML would silently resolve."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    keys: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in keys:
+            raise _DuplicateKeyError(str(key))
+        keys.add(key)
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates
+)
+
+
 def _flatten(node: Any, prefix: str, into: dict[str, Any], path: str) -> None:
     if not isinstance(node, dict):
-        raise ConfigError(f"{prefix or 'config.file'}: expected a mapping in {path}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config.file'}: expected a mapping in {path}")
     for name, value in node.items():
         key = f"{prefix}{name}"
+        if not isinstance(name, str) or "." in name:
+            # `api.url: x` is not `api: {url: x}`; a key never holds a dot.
+            raise ConfigError(f"{key}: unknown key in {path}")
         if isinstance(value, dict):
             _flatten(value, f"{key}.", into, path)
         else:

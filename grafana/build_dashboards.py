@@ -134,12 +134,12 @@ def header() -> list[Any]:
     updated = (
         stat.Panel()
         .title("Last updated")
-        .description("When the exporter last read valid stats from the job stats API.")
+        .description("When Prometheus last scraped the exporter; Summary says if it got stats.")
         .datasource(DS)
         .grid_pos(GridPos(h=3, w=6, x=18, y=0))
         .with_target(
             query(
-                f"max(timestamp(jobstats_up{{{INSTANCE}}} == 1)) * 1000",
+                f"max(timestamp(jobstats_up{{{INSTANCE}}})) * 1000",
                 "Last updated",
                 instant=True,
             )
@@ -184,10 +184,12 @@ def redis_status() -> stat.Panel:
 
 def queue_block() -> stat.Panel:
     """One queue as the card shows it: badge, five counts, recurring jobs. Repeated per queue."""
-    status_code = " + ".join(
-        f'{code} * max(jobstats_queue_status{{{QUEUE},status="{name}"}})'
+    # A code per instance, then the worst: one queue on two backends never adds up.
+    codes = " + ".join(
+        f'{code} * max by (instance) (jobstats_queue_status{{{QUEUE},status="{name}"}})'
         for name, (code, _) in [*STATUS_CODES.items(), ("unknown", UNKNOWN_STATUS)]
     )
+    status_code = f"max({codes})"
     panel = (
         big_values("$queue", GridPos(h=9, w=12, x=0, y=6))
         .description("The queue as the admin card shows it. One panel per queue, two per row.")
@@ -396,7 +398,8 @@ def history(top: int) -> list[Any]:
         graph(
             "New failed jobs per minute",
             "Failed jobs that appeared in the last minute, per queue: rises of the retained count,"
-            " so a clean of failed jobs is not counted (queue:jobstats_failed_jobs:new1m).",
+            " so a clean of failed jobs is not counted (queue:jobstats_failed_jobs:new1m). A lower"
+            " bound while BullMQ removes old failed jobs as new ones fail.",
             GridPos(h=8, w=12, x=0, y=y),
         )
         .with_target(
@@ -434,8 +437,9 @@ def history(top: int) -> list[Any]:
         graph(
             "Throughput: completed jobs per minute",
             "Jobs completed in the last minute, per queue, from rises of the retained completed"
-            " count (queue:jobstats_completed_jobs:new1m). A queue that trims completed jobs by"
-            " count and sits at its cap shows 0 here however busy it is.",
+            " count (queue:jobstats_completed_jobs:new1m). A lower bound: while BullMQ removes old"
+            " jobs as new ones complete (at its removeOnComplete cap, or trimming by age), the"
+            " count stays flat however busy the queue is.",
             GridPos(h=8, w=12, x=0, y=y),
         )
         .with_target(

@@ -262,11 +262,13 @@ def test_alertmanager_config_passes_amtool_check_config(amtool: str) -> None:
     assert result.returncode == 0, report(result)
 
 
+# The webhook takes critical and warning alerts first (`continue`), so that one queue's
+# alerts of both severities arrive there together; then each goes to its severity's receiver.
 ROUTES = {
-    "critical": (["severity=critical"], "oncall-critical"),
-    "warning": (["severity=warning"], "oncall-warning"),
+    "critical": (["severity=critical"], "oncall-webhook,oncall-critical"),
+    "warning": (["severity=warning"], "oncall-webhook,oncall-warning"),
     "info": (["severity=info"], "team-info"),
-    "no severity": ([], "oncall-warning"),
+    "no severity": ([], "oncall-webhook,oncall-warning"),
 }
 
 

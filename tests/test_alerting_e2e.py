@@ -225,7 +225,7 @@ def test_new_failures_notify_their_queue_and_stay_inhibited_while_the_api_is_dow
         "JobStatsQueueFailedJobs", PATIENCE, queue="inventory"
     )
     assert labels_match(alert, severity="warning", instance=instance, job="jobstats")
-    assert notification.payload["receiver"] == "oncall-warning"
+    assert notification.payload["receiver"] == "oncall-webhook"
     assert notification.payload["groupLabels"] == {"instance": instance, "queue": "inventory"}
     description = alert["annotations"]["description"]
     assert re.search(r"\b6 new failed jobs\b", description), description
@@ -257,7 +257,7 @@ def test_new_failures_notify_their_queue_and_stay_inhibited_while_the_api_is_dow
 
     notification, api_down = stack.sink.wait_for_alert("JobStatsApiDown", PATIENCE)
     assert labels_match(api_down, severity="critical", instance=instance, job="jobstats")
-    assert notification.payload["receiver"] == "oncall-critical"
+    assert notification.payload["receiver"] == "oncall-webhook"
     held = poll(
         lambda: alertmanager_alerts(stack.alertmanager.port),
         lambda alerts: any(
@@ -453,11 +453,36 @@ def test_one_queues_different_alerts_arrive_in_one_notification(
     )
 
     assert payload["groupLabels"] == {"instance": instance, "queue": "inventory"}
-    assert payload["receiver"] == "oncall-warning"
+    assert payload["receiver"] == "oncall-webhook"
     assert sorted(a["labels"]["alertname"] for a in payload["alerts"]) == [
         "JobStatsQueueBacklog",
         "JobStatsQueueFailedJobs",
     ]
+
+
+def test_one_queues_critical_and_warning_alerts_arrive_in_one_webhook_notification(
+    alertmanager: ServiceProcess, sink: WebhookSink
+) -> None:
+    instance = "mixed-severities:9787"
+    post_alerts(
+        alertmanager.port,
+        [
+            synthetic("JobStatsRecurringJobOverdue", instance, "inventory"),
+            synthetic("JobStatsQueueFailedJobs", instance, "inventory"),
+        ],
+    )
+
+    [payload] = poll(
+        lambda: group_notifications(sink, instance),
+        bool,
+        PATIENCE,
+        f"a notification for {instance}",
+    )
+
+    assert payload["receiver"] == "oncall-webhook"
+    assert sorted(
+        (a["labels"]["alertname"], a["labels"]["severity"]) for a in payload["alerts"]
+    ) == [("JobStatsQueueFailedJobs", "warning"), ("JobStatsRecurringJobOverdue", "critical")]
 
 
 def test_two_queues_alerts_arrive_in_separate_notifications(

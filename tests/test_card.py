@@ -50,6 +50,21 @@ def test_card_flags_a_stopped_queue_and_an_overdue_run() -> None:
     assert "System: needs attention" in card
 
 
+def test_card_needs_attention_when_a_schedule_is_overdue_past_the_grace() -> None:
+    stats = parse_stats(sample_bytes("enabled"))
+    late = render_card(stats, NEXT_RUN + 121, CronSchedules("UTC"), "x")
+    busy = render_card(stats, NEXT_RUN + 30, CronSchedules("UTC"), "x")
+    assert "System: needs attention" in late
+    assert "System: healthy" in busy
+
+
+def test_card_counts_one_queue_in_the_singular() -> None:
+    document = sample("enabled")
+    del document["stats"]["product"]
+    card = render_card(parse_stats(json.dumps(document).encode()), 0, CronSchedules("UTC"), "x")
+    assert "; 1 queue; " in card
+
+
 def test_card_of_redis_down_says_disabled_and_unavailable() -> None:
     card = render_card(parse_stats(sample_bytes("redis-down")), 0, CronSchedules("UTC"), "x")
     assert "Redis: Disabled, unavailable" in card

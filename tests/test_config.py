@@ -54,6 +54,10 @@ def test_sizes(raw: str, size: int) -> None:
 BAD_VALUES = [
     ("api.url", "localhost:3001"),
     ("api.url", "ftp://host/x"),
+    ("api.url", "http://127.0.0.1:99999/x"),
+    ("api.url", "http://h:abc/x"),
+    ("api.url", "http://xn--zz/x"),
+    ("api.url", "http:///x"),
     ("api.timeout", "abc"),
     ("api.timeout", "0s"),
     ("api.timeout", "-1s"),
@@ -62,6 +66,8 @@ BAD_VALUES = [
     ("api.max_body_size", "5MB"),
     ("web.listen_address", "9787"),
     ("web.listen_address", ":99999"),
+    ("web.listen_address", "a:b:9787"),
+    ("web.listen_address", "[::1:80"),
     ("cron.timezone", "Mars/Olympus"),
     ("log.level", "verbose"),
     ("log.format", "xml"),
@@ -92,6 +98,8 @@ def test_bad_variable_names_the_variable() -> None:
         ("api:\n  timeout: abc\n", "api.timeout (from"),
         ("- a\n- b\n", "config.file: expected a mapping"),
         ("api: [\n", "is not valid YAML"),
+        ("api.url: http://x/\n", "api.url: unknown key"),
+        ("api:\n  timeout: 5s\n  timeout: 6s\n", "timeout: given twice"),
     ],
 )
 def test_bad_file_names_the_key(tmp_path: Path, text: str, message: str) -> None:
