@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -28,6 +29,7 @@ from .logs import configure_logging
 from .model import parse_stats
 from .schedule import CronSchedules
 from .server import Exporter, MetricsServer, log
+from .webconfig import WebConfig, load_web_config
 
 __all__ = ["main"]
 
@@ -130,6 +132,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if command == "demo" and "web.listen_address" not in flags:
             flags["web.listen_address"] = f"127.0.0.1:{DEFAULT_PORT}"
         config = load_config(flags, environ)
+        web = load_web_config(config.web_config_file) if config.web_config_file else None
         if command == "simulate":
             parse_listen_address(args["simulate_address"])
     except (ConfigError, ValueError) as error:
@@ -140,20 +143,20 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return 0
     configure_logging(config.log_level, config.log_format)
     if command == "healthcheck":
-        return _healthcheck(config)
+        return _healthcheck(config, web)
     if command == "check":
         return _check(config)
     if command == "simulate":
         return _simulate(args["simulate_address"], args["seed"])
     if command == "demo":
-        return _demo(config, args["seed"])
-    return _serve(config)
+        return _demo(config, args["seed"], web)
+    return _serve(config, web)
 
 
-def _serve(config: Config, announce: str | None = None) -> int:
+def _serve(config: Config, web: WebConfig | None, announce: str | None = None) -> int:
     exporter = Exporter(config)
     try:
-        server = MetricsServer(exporter, config.web_listen_address)
+        server = MetricsServer(exporter, config.web_listen_address, web)
     except OSError as error:
         exporter.close()
         print(
@@ -166,7 +169,8 @@ def _serve(config: Config, announce: str | None = None) -> int:
         "listening",
         extra={
             "address": server.url,
-            "api_url": redact_url(config.api_url),
+            "api_url": redact_url(config.targets[0].url),
+            "targets": ",".join(target.name for target in config.targets),
             "version": __version__,
         },
     )
@@ -186,7 +190,8 @@ def _serve(config: Config, announce: str | None = None) -> int:
 def _check(config: Config) -> int:
     exporter = Exporter(config)
     try:
-        stats = parse_stats(exporter.client.fetch(config.api_timeout))
+        target = exporter.client.target
+        stats = parse_stats(exporter.client.fetch(target.timeout).body, config.limits)
     except (FetchError, ParseError) as error:
         print(f"{PROG} check: {error.reason}: {error}", file=sys.stderr)
         return 1
@@ -194,17 +199,20 @@ def _check(config: Config) -> int:
         exporter.close()
     color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     schedules = CronSchedules(config.cron_timezone)
-    sys.stdout.write(render_card(stats, time.time(), schedules, redact_url(config.api_url), color))
+    sys.stdout.write(render_card(stats, time.time(), schedules, redact_url(target.url), color))
     return 1 if stats.invalid else 0
 
 
-def _healthcheck(config: Config) -> int:
+def _healthcheck(config: Config, web: WebConfig | None) -> int:
     host, port = parse_listen_address(config.web_listen_address)
     # An exporter listening on every interface answers on the loopback too.
     host = host if host not in ("", "0.0.0.0", "::") else "127.0.0.1"
-    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/-/healthy"
+    scheme = "https" if web is not None and web.tls else "http"
+    url = f"{scheme}://{'[' + host + ']' if ':' in host else host}:{port}/-/healthy"
+    # This asks our own process on the loopback: its certificate need not name the address.
+    context = ssl._create_unverified_context() if scheme == "https" else None
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(url, timeout=5, context=context) as response:
             healthy = response.status == 200
     except OSError as error:
         print(f"{PROG} healthcheck: {url}: {error}", file=sys.stderr)
@@ -236,11 +244,11 @@ def _simulate(address: str, seed: int) -> int:
     return 0
 
 
-def _demo(config: Config, seed: int) -> int:
+def _demo(config: Config, seed: int, web: WebConfig | None) -> int:
     _server, url = _start_simulator("127.0.0.1:0", seed)
     print(f"demo: simulated stats API at {url}", flush=True)
     demo_config = dataclasses.replace(config, api_url=url)
-    return _serve(demo_config, announce="demo: exporter at {url}/metrics (Ctrl-C stops)")
+    return _serve(demo_config, web, announce="demo: exporter at {url}/metrics (Ctrl-C stops)")
 
 
 def _stop_on_sigterm() -> None:

@@ -1,16 +1,21 @@
-"""Fetch the stats API: one GET, one deadline, a capped body.
+"""Fetch a stats API: one GET, one deadline, a capped body, shared by concurrent scrapes.
 
 The caller's timeout covers the whole exchange, body included, so an upstream
 that trickles bytes still times out. Requests run on one event loop in a
 background thread, which lets a deadline cancel a read cleanly and keeps one
-keep-alive pool for all scrapes. Bodies are returned raw, never parsed or logged here.
+keep-alive pool per target. Scrapes of a target that arrive while its
+request is in flight share that request; with a `min_interval` they share
+its result while it is younger. Bodies are returned raw, never parsed or
+logged here, and no credential is ever part of a message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import threading
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -18,8 +23,9 @@ import httpx
 
 from . import __version__
 from .errors import FetchError, ParseError
+from .targets import Target
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "StatsClient", "redact_url"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "EventLoop", "Fetched", "StatsClient", "redact_url"]
 
 DEFAULT_MAX_BODY_BYTES = 5 * 1024 * 1024
 
@@ -40,32 +46,79 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
-class StatsClient:
-    """Reads the stats API at `url`; thread-safe, one keep-alive pool.
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """One upstream answer's body, and how many seconds ago the upstream gave it."""
 
-    `fetch()` blocks the calling thread; `close()` releases the pool and the
-    loop thread. `transport` is for tests (`httpx.MockTransport`, respx).
+    body: bytes
+    age: float = 0.0
+
+
+class EventLoop:
+    """An asyncio loop in a daemon thread, shared by every target's client."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="jobstats-client", daemon=True
+        )
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
+        """Run `coroutine` on the loop; block this thread until it is done."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    at: float
+    body: bytes | None
+    error: FetchError | ParseError | None
+
+
+class StatsClient:
+    """Reads one target's stats API; thread-safe.
+
+    `fetch()` blocks the calling thread; `close()` releases the pool (and the
+    loop, when the client made its own). `transport` is for tests
+    (`httpx.MockTransport`, respx).
     """
 
     def __init__(
         self,
-        url: str,
-        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        target: Target,
         transport: httpx.AsyncBaseTransport | None = None,
+        loop: EventLoop | None = None,
     ) -> None:
-        self.url = url
-        self.max_body_bytes = max_body_bytes
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="jobstats-client", daemon=True
-        )
-        self._thread.start()
-        self._client = self._call(self._make_client(transport))
+        self.target = target
+        self._own_loop = loop is None
+        self._loop = loop or EventLoop()
+        self._where = redact_url(target.url)
+        # Touched on the loop thread only, so they need no lock.
+        self._inflight: asyncio.Future[bytes] | None = None
+        self._last: _Outcome | None = None
+        self._client = self._loop.run(self._make_client(transport))
+
+    @property
+    def url(self) -> str:
+        return self.target.url
+
+    @property
+    def max_body_bytes(self) -> int:
+        return self.target.max_body_size
 
     async def _make_client(self, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
         # Built on the loop thread, where it will be used.
         return httpx.AsyncClient(
             transport=transport,
+            verify=self.target.tls.verify(),
             headers={
                 "Accept": "application/json",
                 "User-Agent": f"jobstats-exporter/{__version__}",
@@ -74,27 +127,74 @@ class StatsClient:
             limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
         )
 
-    def fetch(self, timeout: float) -> bytes:
-        """The raw body of one 2xx answer; FetchError (or ParseError for an undecodable body)."""
-        return self._call(self._fetch(timeout))
+    def fetch(self, timeout: float) -> Fetched:
+        """One 2xx answer's body; FetchError, or ParseError for a body that is not JSON."""
+        return self._loop.run(self._shared(timeout))
 
     def close(self) -> None:
-        if self._loop.is_closed():
+        if self._loop.loop.is_closed():
             return
-        self._call(self._client.aclose())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        self._loop.run(self._client.aclose())
+        if self._own_loop:
+            self._loop.close()
 
-    def _call(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+    async def _shared(self, timeout: float) -> Fetched:
+        now = self._loop.loop.time()
+        last = self._last
+        if last is not None and now - last.at < self.target.min_interval:
+            return self._replay(last, now - last.at)
+        if self._inflight is None:
+            self._inflight = asyncio.ensure_future(self._fetch(timeout))
+            self._inflight.add_done_callback(self._settle)
+        try:
+            # A later scrape with a shorter deadline stops waiting without cancelling the
+            # request the others share.
+            async with asyncio.timeout(timeout):
+                body = await asyncio.shield(self._inflight)
+        except TimeoutError:
+            raise self._timeout(timeout) from None
+        except (FetchError, ParseError) as error:
+            # The same error reaches every scrape that shared the request: give each its own.
+            raise copy.copy(error) from None
+        return Fetched(body)
+
+    def _settle(self, request: asyncio.Future[bytes]) -> None:
+        self._inflight = None
+        if request.cancelled():
+            return
+        # Retrieved here, always: a scrape that stopped waiting would leave it unread.
+        error = request.exception()
+        if self.target.min_interval <= 0:
+            return
+        if error is None:
+            self._last = _Outcome(self._loop.loop.time(), request.result(), None)
+        elif isinstance(error, FetchError | ParseError):
+            self._last = _Outcome(self._loop.loop.time(), None, error)
+
+    def _replay(self, outcome: _Outcome, age: float) -> Fetched:
+        if outcome.error is not None:
+            raise copy.copy(outcome.error)
+        assert outcome.body is not None
+        return Fetched(outcome.body, age)
+
+    def _timeout(self, timeout: float) -> FetchError:
+        return FetchError("timeout", f"GET {self._where}: no complete answer within {timeout:g}s")
 
     async def _fetch(self, timeout: float) -> bytes:
-        where = redact_url(self.url)
+        where = self._where
+        try:
+            headers = self.target.request_headers()
+            auth = self.target.basic_auth()
+        except OSError:
+            raise FetchError("connect", f"GET {where}: cannot read a credential file") from None
         try:
             async with asyncio.timeout(timeout):
                 async with self._client.stream(
-                    "GET", self.url, timeout=httpx.Timeout(timeout)
+                    "GET",
+                    self.target.url,
+                    headers=headers,
+                    auth=auth,
+                    timeout=httpx.Timeout(timeout),
                 ) as response:
                     if not 200 <= response.status_code < 300:
                         raise FetchError(
@@ -112,11 +212,11 @@ class StatsClient:
                             f"GET {where}: answer cut short ({type(error).__name__})",
                         ) from None
         except (TimeoutError, httpx.TimeoutException):
-            raise FetchError(
-                "timeout", f"GET {where}: no complete answer within {timeout:g}s"
-            ) from None
+            raise self._timeout(timeout) from None
         except httpx.DecodingError:
-            raise ParseError("invalid_json", "", "body could not be decompressed") from None
+            raise ParseError(
+                "invalid_json", "", f"GET {where}: body could not be decompressed"
+            ) from None
         except (httpx.InvalidURL, UnicodeError) as error:
             # The config check reads URLs as httpx does; this is a net under it.
             raise FetchError("connect", f"GET {where}: invalid URL: {error}") from None
@@ -124,16 +224,15 @@ class StatsClient:
             raise FetchError("connect", f"GET {where}: {type(error).__name__}: {error}") from None
 
     async def _read_capped(self, response: httpx.Response, where: str) -> bytes:
-        too_large = FetchError(
-            "too_large", f"GET {where}: answer larger than {self.max_body_bytes} bytes"
-        )
+        limit = self.target.max_body_size
+        too_large = FetchError("too_large", f"GET {where}: answer larger than {limit} bytes")
         declared = response.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > self.max_body_bytes:
+        if declared.isdigit() and int(declared) > limit:
             raise too_large
         body = bytearray()
         # Decoded bytes are counted, so a compressed bomb stops at the cap too.
         async for chunk in response.aiter_bytes():
             body += chunk
-            if len(body) > self.max_body_bytes:
+            if len(body) > limit:
                 raise too_large
         return bytes(body)

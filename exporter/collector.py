@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from . import __version__
 from .client import StatsClient
 from .errors import FetchError, ParseError
-from .model import KNOWN_STATUSES, Stats, parse_stats
+from .model import KNOWN_STATUSES, Limits, Stats, parse_stats
 from .schedule import CronSchedules
 
 __all__ = ["SCRAPE_ERROR_REASONS", "JobStatsCollector", "ScrapeErrors"]
@@ -36,6 +36,8 @@ SCRAPE_ERROR_REASONS = (
     "too_large",
 )
 STATUSES = (*KNOWN_STATUSES, "unknown")
+#: Malformed queues logged one by one per scrape; the rest in one line.
+MAX_LOGGED_INVALID = 10
 #: `schedule` label of a pattern that BullMQ could not run.
 INVALID_SCHEDULE = "invalid cron pattern"
 
@@ -67,6 +69,7 @@ class JobStatsCollector(Collector):
         timeout: float,
         schedules: CronSchedules,
         errors: ScrapeErrors,
+        limits: Limits = Limits(),  # noqa: B008 - frozen, so one shared default is safe
         clock: Callable[[], float] = time.time,
         timer: Callable[[], float] = time.perf_counter,
     ) -> None:
@@ -74,13 +77,17 @@ class JobStatsCollector(Collector):
         self.timeout = timeout
         self.schedules = schedules
         self.errors = errors
+        self.limits = limits
         self.clock = clock
         self.timer = timer
 
     def collect(self) -> Iterator[Metric]:
         started = self.timer()
+        age = 0.0
         try:
-            stats: Stats | None = parse_stats(self.client.fetch(self.timeout))
+            fetched = self.client.fetch(self.timeout)
+            age = fetched.age
+            stats: Stats | None = parse_stats(fetched.body, self.limits)
         except (FetchError, ParseError) as error:
             self.errors.count(error.reason)
             log.warning("scrape failed", extra={"reason": error.reason, "err": str(error)})
@@ -106,6 +113,11 @@ class JobStatsCollector(Collector):
             errors.add_metric([reason], count)
         yield errors
         if stats is not None:
+            yield GaugeMetricFamily(
+                "jobstats_result_age_seconds",
+                "Age of the upstream answer this scrape shows: 0 unless min_interval reuses one.",
+                value=age,
+            )
             yield from self._stats_families(stats)
         yield InfoMetricFamily(
             "jobstats_exporter_build",
@@ -114,8 +126,29 @@ class JobStatsCollector(Collector):
         )
 
     def _stats_families(self, stats: Stats) -> Iterator[Metric]:
-        for error in stats.invalid:
+        for error in stats.invalid[:MAX_LOGGED_INVALID]:
             log.warning("queue skipped", extra={"reason": error.reason, "err": str(error)})
+        if len(stats.invalid) > MAX_LOGGED_INVALID:
+            log.warning(
+                "more queues skipped",
+                extra={
+                    "reason": "invalid_payload",
+                    "count": len(stats.invalid) - MAX_LOGGED_INVALID,
+                },
+            )
+        dropped = GaugeMetricFamily(
+            "jobstats_dropped_queues",
+            "Queues left out this scrape by a limit (max_queues, max_queue_name_length).",
+            labels=["limit"],
+        )
+        dropped.add_metric(["max_queues"], stats.dropped_queues)
+        dropped.add_metric(["max_queue_name_length"], stats.dropped_long_names)
+        yield dropped
+        yield GaugeMetricFamily(
+            "jobstats_dropped_states",
+            "Extra states left out this scrape by max_extra_states or the name length limit.",
+            value=stats.dropped_states,
+        )
         if stats.redis_available is not None:
             yield GaugeMetricFamily(
                 "jobstats_redis_available",

@@ -7,9 +7,10 @@ a ConfigError whose one-line message names the key and where it came from.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -19,6 +20,8 @@ import yaml
 
 from .client import DEFAULT_MAX_BODY_BYTES
 from .errors import ConfigError
+from .model import Limits
+from .targets import Secret, Target, parse_targets
 
 __all__ = ["DEFAULT_PORT", "SETTINGS", "Config", "Setting", "load_config", "parse_listen_address"]
 
@@ -33,11 +36,34 @@ class Config:
     api_url: str = "http://localhost:3001/api/jobs/stats"
     api_timeout: float = 10.0
     api_max_body_size: int = DEFAULT_MAX_BODY_BYTES
+    api_min_interval: float = 0.0
+    api_bearer_token_file: str | None = None
     web_listen_address: str = f":{DEFAULT_PORT}"
+    web_config_file: str | None = None
     cron_timezone: str = "UTC"
     log_level: str = "info"
     log_format: str = "logfmt"
+    limits: Limits = field(default_factory=Limits)
     config_file: str | None = None
+    #: The file's `targets:`; empty means one target, "default", made of the api.* settings.
+    configured_targets: tuple[Target, ...] = ()
+
+    @property
+    def targets(self) -> tuple[Target, ...]:
+        """Every target; the first is the one /metrics serves."""
+        if self.configured_targets:
+            return self.configured_targets
+        bearer = self.api_bearer_token_file
+        return (
+            Target(
+                name="default",
+                url=self.api_url,
+                timeout=self.api_timeout,
+                max_body_size=self.api_max_body_size,
+                min_interval=self.api_min_interval,
+                bearer_token=Secret(f"file {bearer}", file=bearer) if bearer else None,
+            ),
+        )
 
 
 def _url(value: str) -> str:
@@ -69,6 +95,23 @@ def _duration(value: str) -> float:
 
 _SIZE = re.compile(r"(?P<number>\d+)(?P<unit>B|KiB|MiB|GiB)?\Z")
 _UNIT_BYTES = {"B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3, None: 1}
+
+
+def _interval(value: str) -> float:
+    """A duration that may be zero: 0 turns the feature off."""
+    return 0.0 if value.strip() in ("0", "0s") else _duration(value)
+
+
+def _count(value: str) -> int:
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"expected a whole number of at least 1, got {value!r}")
+    return int(value)
+
+
+def _readable_file(value: str) -> str:
+    if not os.access(value, os.R_OK):
+        raise ValueError(f"cannot read {value}")
+    return value
 
 
 def _size(value: str) -> int:
@@ -151,9 +194,40 @@ SETTINGS = (
     ),
     Setting("api.max_body_size", "api_max_body_size", _size, "largest upstream answer read"),
     Setting(
+        "api.min_interval",
+        "api_min_interval",
+        _interval,
+        "answer from the last result while younger than this (default 0: fetch every scrape)",
+    ),
+    Setting(
+        "api.bearer_token_file",
+        "api_bearer_token_file",
+        _readable_file,
+        "file holding the bearer token sent to the API",
+    ),
+    Setting(
         "web.listen_address", "web_listen_address", _listen_address, "address to serve /metrics on"
     ),
+    Setting(
+        "web.config_file",
+        "web_config_file",
+        _readable_file,
+        "TLS and basic auth of the exporter's own endpoints (exporter-toolkit format)",
+    ),
     Setting("cron.timezone", "cron_timezone", _timezone, "time zone the cron patterns are read in"),
+    Setting("limits.max_queues", "max_queues", _count, "queues exported at most; the rest dropped"),
+    Setting(
+        "limits.max_extra_states",
+        "max_extra_states",
+        _count,
+        "states beyond the five exported per queue at most",
+    ),
+    Setting(
+        "limits.max_queue_name_length",
+        "max_queue_name_length",
+        _count,
+        "longest queue name exported; longer ones dropped, never cut",
+    ),
     Setting("log.level", "log_level", _choice("debug", "info", "warn", "error"), "log level"),
     Setting("log.format", "log_format", _choice("logfmt", "json"), "log line format"),
 )
@@ -165,8 +239,9 @@ def load_config(flags: Mapping[str, str], environ: Mapping[str, str]) -> Config:
     `config.file` is itself a flag (`--config.file`) or JOBSTATS_CONFIG_FILE.
     """
     config_file = flags.get("config.file") or environ.get("JOBSTATS_CONFIG_FILE") or None
-    from_file = _read_file(config_file) if config_file else {}
+    from_file, raw_targets = _read_file(config_file) if config_file else ({}, None)
     values: dict[str, Any] = {"config_file": config_file}
+    sources: dict[str, str] = {}
     for setting in SETTINGS:
         if setting.key in flags:
             raw, source = flags[setting.key], setting.flag
@@ -180,11 +255,41 @@ def load_config(flags: Mapping[str, str], environ: Mapping[str, str]) -> Config:
             values[setting.field] = setting.check(str(raw))
         except ValueError as error:
             raise ConfigError(f"{setting.key} (from {source}): {error}") from None
+        sources[setting.key] = source
+    limits = {
+        name: values.pop(name)
+        for name in ("max_queues", "max_extra_states", "max_queue_name_length")
+        if name in values
+    }
+    values["limits"] = Limits(**limits)
+    if raw_targets is not None:
+        for key in ("api.url", "api.bearer_token_file"):
+            if key in sources:
+                raise ConfigError(
+                    f"{key} (from {sources[key]}): the config file lists targets; set it there"
+                )
+        assert config_file is not None
+        base = Config()
+        defaults = {
+            "url": None,
+            "timeout": values.get("api_timeout", base.api_timeout),
+            "max_body_size": values.get("api_max_body_size", base.api_max_body_size),
+            "min_interval": values.get("api_min_interval", base.api_min_interval),
+        }
+        checks = {
+            "url": _url,
+            "timeout": _duration,
+            "max_body_size": _size,
+            "min_interval": _interval,
+        }
+        values["configured_targets"] = parse_targets(
+            raw_targets, config_file, environ, defaults, checks
+        )
     return Config(**values)
 
 
-def _read_file(path: str) -> dict[str, Any]:
-    """The file's settings, flattened to their keys; unknown keys are errors."""
+def _read_file(path: str) -> tuple[dict[str, Any], Any]:
+    """The file's settings flattened to their keys, and its `targets:` list (None if absent)."""
     try:
         document = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_StrictLoader)
     except OSError as error:
@@ -196,7 +301,13 @@ def _read_file(path: str) -> dict[str, Any]:
         line = f" line {where.line + 1}" if where is not None else ""
         raise ConfigError(f"config.file: {path}{line} is not valid YAML") from None
     if document is None:
-        return {}
+        return {}, None
+    if not isinstance(document, dict):
+        raise ConfigError(f"config.file: expected a mapping in {path}")
+    document = dict(document)
+    raw_targets = document.pop("targets", None)
+    if raw_targets is not None and not isinstance(raw_targets, list):
+        raise ConfigError(f"targets: expected a list in {path}")
     known = {setting.key for setting in SETTINGS}
     flat: dict[str, Any] = {}
     _flatten(document, "", flat, path)
@@ -205,7 +316,7 @@ def _read_file(path: str) -> dict[str, Any]:
             raise ConfigError(f"{key}: unknown key in {path}")
         if value is None or isinstance(value, dict | list | bool):
             raise ConfigError(f"{key} (from {path}): expected a single value, got {value!r}")
-    return flat
+    return flat, raw_targets
 
 
 class _DuplicateKeyError(yaml.YAMLError):

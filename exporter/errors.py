@@ -8,6 +8,8 @@
 Only these are caught by the collector; anything else is a bug and surfaces.
 """
 
+from __future__ import annotations
+
 __all__ = ["ConfigError", "ExporterError", "FetchError", "ParseError"]
 
 
@@ -29,6 +31,11 @@ class FetchError(ExporterError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+        self.message = message
+
+    def __reduce__(self) -> tuple[type[FetchError], tuple[str, str]]:
+        # copy and pickle rebuild from these, not from Exception.args alone.
+        return type(self), (self.reason, self.message)
 
 
 class ParseError(ExporterError):
@@ -43,3 +50,7 @@ class ParseError(ExporterError):
         super().__init__(f"{path}: {message}" if path else message)
         self.reason = reason
         self.path = path
+        self.message = message
+
+    def __reduce__(self) -> tuple[type[ParseError], tuple[str, str, str]]:
+        return type(self), (self.reason, self.path, self.message)

@@ -18,6 +18,7 @@ from .errors import ParseError
 __all__ = [
     "BASE_STATES",
     "KNOWN_STATUSES",
+    "Limits",
     "QueueStats",
     "RecurringJobs",
     "Stats",
@@ -77,6 +78,17 @@ class QueueStats:
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """What one answer may bring; the excess is dropped and counted, never a failed scrape."""
+
+    max_queues: int = 1000
+    #: States beyond the five base ones, per queue.
+    max_extra_states: int = 32
+    #: Longer queue (and state) names are dropped whole: a cut could merge two into one series.
+    max_queue_name_length: int = 200
+
+
+@dataclass(frozen=True, slots=True)
 class Stats:
     """One valid answer of the stats API."""
 
@@ -87,13 +99,18 @@ class Stats:
     queues: tuple[QueueStats, ...]
     #: One ParseError per queue skipped because its entry was malformed.
     invalid: tuple[ParseError, ...]
+    #: Queues dropped by Limits.max_queues, and by Limits.max_queue_name_length.
+    dropped_queues: int = 0
+    dropped_long_names: int = 0
+    #: Extra states dropped by Limits.max_extra_states or for a name over the length cap.
+    dropped_states: int = 0
 
     @property
     def redis_enabled(self) -> bool:
         return self.redis_status == "enabled"
 
 
-def parse_stats(body: bytes) -> Stats:
+def parse_stats(body: bytes, limits: Limits = Limits()) -> Stats:
     """Parse a raw answer body; raise ParseError when it cannot be used at all."""
     document = _decode_json(body)
     if not isinstance(document, dict):
@@ -110,13 +127,23 @@ def parse_stats(body: bytes) -> Stats:
 
     queues: list[QueueStats] = []
     invalid: list[ParseError] = []
+    dropped_queues = dropped_long_names = dropped_states = 0
     for name, entry in stats.items():
         if name == "redisStatus" or not isinstance(entry, dict):
             continue
+        if len(name) > limits.max_queue_name_length:
+            dropped_long_names += 1
+            continue
+        if len(queues) >= limits.max_queues:
+            dropped_queues += 1
+            continue
         try:
-            queues.append(_parse_queue(name, entry))
+            queue, dropped = _parse_queue(name, entry, limits)
         except ParseError as error:
             invalid.append(error)
+            continue
+        queues.append(queue)
+        dropped_states += dropped
 
     redis_available = document.get("redisAvailable")
     redis_status = stats.get("redisStatus")
@@ -125,6 +152,9 @@ def parse_stats(body: bytes) -> Stats:
         redis_status=redis_status if isinstance(redis_status, str) else None,
         queues=tuple(queues),
         invalid=tuple(invalid),
+        dropped_queues=dropped_queues,
+        dropped_long_names=dropped_long_names,
+        dropped_states=dropped_states,
     )
 
 
@@ -150,30 +180,34 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _parse_queue(name: str, entry: Mapping[str, Any]) -> QueueStats:
+def _parse_queue(name: str, entry: Mapping[str, Any], limits: Limits) -> tuple[QueueStats, int]:
+    """The queue, and how many of its extra states the limits dropped."""
     path = queue_path(name)
     if not name:
         # Prometheus reads an empty label value as no label: the series would lose their queue.
         raise ParseError("invalid_payload", path, "a queue name must not be empty")
     counts = {state: _count(entry.get(state, _MISSING), f"{path}.{state}") for state in BASE_STATES}
-    extra = tuple(
+    extra = [
         (field, value)
         for field, value in entry.items()
         if field not in counts
         and field not in _NOT_QUEUE_FIELDS
         and type(value) is int
         and 0 <= value <= MAX_COUNT
-    )
+    ]
+    kept = [state for state in extra if len(state[0]) <= limits.max_queue_name_length]
+    kept = kept[: limits.max_extra_states]
     status = entry.get("status")
     status_text = status if isinstance(status, str) else None
-    return QueueStats(
+    queue = QueueStats(
         name=name,
         **counts,
-        extra_states=extra,
+        extra_states=tuple(kept),
         status=status if status in KNOWN_STATUSES else "unknown",
         status_text=status_text,
         recurring=_recurring(entry.get("recurringJobs"), f"{path}.recurringJobs"),
     )
+    return queue, len(extra) - len(kept)
 
 
 def _recurring(value: Any, path: str) -> RecurringJobs | None:

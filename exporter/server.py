@@ -1,8 +1,11 @@
-"""Serve /metrics, a landing page and health endpoints over HTTP/1.1 keep-alive.
+"""Serve /metrics, /probe, a landing page and health endpoints over HTTP/1.1 keep-alive.
 
-One `Exporter` holds what lives between scrapes (upstream pool, cron cache,
-error counters); each scrape gets its own registry, bound to that scrape's
-timeout. The server is the standard library's; it never parses the upstream.
+One `Exporter` holds what lives between scrapes (one client per target, the
+cron cache, error counters); each scrape gets its own registry, bound to
+that scrape's target and timeout, so /metrics and /probe share one code
+path. /probe only takes the name of a configured target: it never fetches a
+URL it is given. The server is the standard library's; TLS and basic auth
+come from the web config file.
 """
 
 from __future__ import annotations
@@ -11,30 +14,47 @@ import html
 import logging
 import math
 import socket
+import ssl
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import cast
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.exposition import choose_encoder
 
 from . import __version__
-from .client import StatsClient, redact_url
+from .client import EventLoop, StatsClient, redact_url
 from .collector import JobStatsCollector, ScrapeErrors
 from .config import Config, parse_listen_address
 from .schedule import CronSchedules
+from .webconfig import WebConfig
 
-__all__ = ["SCRAPE_TIMEOUT_MARGIN", "Exporter", "MetricsServer", "scrape_timeout"]
+__all__ = [
+    "SCRAPE_TIMEOUT_MARGIN",
+    "Exporter",
+    "MetricsServer",
+    "UnknownTargetError",
+    "scrape_timeout",
+]
 
 #: Seconds kept back from Prometheus' scrape timeout, so our answer arrives before it gives up.
 SCRAPE_TIMEOUT_MARGIN = 0.5
-
+#: Seconds a client has to finish the TLS handshake and send its request.
+HANDSHAKE_TIMEOUT = 10.0
 _TEXT = "text/plain; charset=utf-8"
+#: Paths answered without credentials: they tell nothing but that the process runs.
+_OPEN_PATHS = ("/-/healthy", "/-/ready")
 
 log = logging.getLogger("jobstats_exporter")
+
+
+class UnknownTargetError(LookupError):
+    """A /probe for a name that is not a configured target."""
 
 
 def scrape_timeout(configured: float, header: str | None) -> float:
@@ -52,6 +72,12 @@ def scrape_timeout(configured: float, header: str | None) -> float:
     return min(configured, max(offered - SCRAPE_TIMEOUT_MARGIN, offered / 2))
 
 
+@dataclass(frozen=True, slots=True)
+class _TargetState:
+    client: StatsClient
+    errors: ScrapeErrors
+
+
 class Exporter:
     """The exporter's long-lived parts, built from a Config; close() when done."""
 
@@ -62,62 +88,115 @@ class Exporter:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self.client = StatsClient(config.api_url, config.api_max_body_size, transport)
         self.schedules = CronSchedules(config.cron_timezone)
-        self.errors = ScrapeErrors()
         self.clock = clock
+        self._loop = EventLoop()
+        self._targets = {
+            target.name: _TargetState(StatsClient(target, transport, self._loop), ScrapeErrors())
+            for target in config.targets
+        }
+        self.default_target = config.targets[0].name
         self._process = ProcessCollector(registry=None)
 
-    def registry(self, timeout: float) -> CollectorRegistry:
-        """A registry for one scrape: the job stats plus the process_* metrics."""
+    @property
+    def client(self) -> StatsClient:
+        """The default target's client (what /metrics and `check` read)."""
+        return self._targets[self.default_target].client
+
+    def registry(
+        self, timeout: float | None = None, target: str | None = None
+    ) -> CollectorRegistry:
+        """A registry for one scrape of `target` (default: the first): stats plus process_*."""
+        state = self._targets.get(target or self.default_target)
+        if state is None:
+            raise UnknownTargetError(target)
         registry = CollectorRegistry(auto_describe=False)
         registry.register(
-            JobStatsCollector(self.client, timeout, self.schedules, self.errors, self.clock)
+            JobStatsCollector(
+                state.client,
+                timeout or state.client.target.timeout,
+                self.schedules,
+                state.errors,
+                self.config.limits,
+                self.clock,
+            )
         )
         registry.register(self._process)
         return registry
 
-    def metrics(self, accept: str | None, timeout_header: str | None) -> tuple[bytes, str]:
-        """The exposition body and its content type, for one scrape."""
+    def metrics(
+        self, accept: str | None, timeout_header: str | None, target: str | None = None
+    ) -> tuple[bytes, str]:
+        """The exposition body and its content type, for one scrape; UnknownTargetError if none."""
+        state = self._targets.get(target or self.default_target)
+        if state is None:
+            raise UnknownTargetError(target)
         encoder, content_type = choose_encoder(accept or "")
-        timeout = scrape_timeout(self.config.api_timeout, timeout_header)
-        return encoder(self.registry(timeout)), content_type
+        timeout = scrape_timeout(state.client.target.timeout, timeout_header)
+        return encoder(self.registry(timeout, target)), content_type
 
     def landing_page(self) -> bytes:
-        target = html.escape(redact_url(self.config.api_url))
+        rows = "\n".join(
+            f'<li><a href="/probe?target={html.escape(name)}">{html.escape(name)}</a>:'
+            f" <code>{html.escape(redact_url(state.client.url))}</code></li>"
+            for name, state in self._targets.items()
+        )
+        default = html.escape(self.default_target)
         return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>jobstats-exporter</title></head>
 <body>
 <h1>jobstats-exporter</h1>
-<p>Prometheus exporter for background job statistics (BullMQ queues over Redis).</p>
-<p>Reads the job stats API at <code>{target}</code> once per scrape.</p>
+<p>Prometheus exporter for background job statistics (BullMQ queues over Redis).
+Reads a job stats API once per scrape.</p>
 <ul>
-<li><a href="/metrics">Metrics</a></li>
+<li><a href="/metrics">Metrics</a> of the default target, <code>{default}</code></li>
 <li><a href="/-/healthy">Health</a> and <a href="/-/ready">readiness</a></li>
+</ul>
+<p>Targets, each at <code>/probe?target=NAME</code>:</p>
+<ul>
+{rows}
 </ul>
 <p>Version {html.escape(__version__)}</p>
 </body></html>
 """.encode()
 
     def close(self) -> None:
-        self.client.close()
+        for state in self._targets.values():
+            state.client.close()
+        self._loop.close()
 
 
 class MetricsServer(ThreadingHTTPServer):
-    """A threading HTTP server that knows its Exporter."""
+    """A threading HTTP server that knows its Exporter, with optional TLS and basic auth."""
 
     daemon_threads = True
 
-    def __init__(self, exporter: Exporter, address: str) -> None:
+    def __init__(self, exporter: Exporter, address: str, web: WebConfig | None = None) -> None:
         host, port = parse_listen_address(address)
         if ":" in host:
             self.address_family = socket.AF_INET6
         self.exporter = exporter
+        self.web = web or WebConfig()
+        self._tls = self.web.ssl_context() if self.web.tls else None
         super().__init__((host, port), _Handler)
+
+    def finish_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        # The handshake runs here, in the connection's own thread: a slow client holds
+        # up nobody else.
+        if self._tls is not None:
+            request.settimeout(HANDSHAKE_TIMEOUT)
+            try:
+                request = self._tls.wrap_socket(request, server_side=True)
+            except (ssl.SSLError, OSError) as error:
+                log.info(
+                    "TLS handshake failed", extra={"client": str(client_address), "err": str(error)}
+                )
+                return
+        super().finish_request(request, client_address)
 
     def handle_error(self, request: object, client_address: object) -> None:
         # A scraper that hangs up is routine; anything else is a bug worth its traceback.
-        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
+        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError | ssl.SSLError):
             return
         log.error("request failed", exc_info=True)
 
@@ -126,7 +205,8 @@ class MetricsServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         host = host.decode() if isinstance(host, bytes) else host
         shown = host if self.address_family == socket.AF_INET else f"[{host}]"
-        return f"http://{shown}:{port}"
+        scheme = "https" if self._tls else "http"
+        return f"{scheme}://{shown}:{port}"
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -142,20 +222,27 @@ class _Handler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def do_GET(self) -> None:
-        exporter = cast(MetricsServer, self.server).exporter
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            try:
-                body, content_type = exporter.metrics(
-                    self.headers.get("Accept"),
-                    self.headers.get("X-Prometheus-Scrape-Timeout-Seconds"),
-                )
-            except Exception:
-                # Upstream faults never get here (the collector answers them); this is a bug.
-                log.exception("scrape failed on an internal error")
-                self._answer(500, b"Internal error, see the exporter's log\n", _TEXT)
-                return
-            self._answer(200, body, content_type)
+        server = cast(MetricsServer, self.server)
+        exporter = server.exporter
+        url = urlsplit(self.path)
+        path = url.path
+        if path not in _OPEN_PATHS and not server.web.authorized(self.headers.get("Authorization")):
+            self._answer(
+                401,
+                b"Unauthorized\n",
+                _TEXT,
+                {"WWW-Authenticate": 'Basic realm="jobstats-exporter"'},
+            )
+            return
+        if path in ("/metrics", "/probe"):
+            target = None
+            if path == "/probe":
+                names = parse_qs(url.query).get("target", [])
+                if len(names) != 1 or not names[0]:
+                    self._answer(400, b"Give one target: /probe?target=NAME\n", _TEXT)
+                    return
+                target = names[0]
+            self._scrape(exporter, target)
         elif path == "/":
             self._answer(200, exporter.landing_page(), "text/html; charset=utf-8")
         elif path == "/-/healthy":
@@ -165,10 +252,32 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._answer(404, b"Not found. Metrics are at /metrics\n", _TEXT)
 
-    def _answer(self, status: int, body: bytes, content_type: str) -> None:
+    def _scrape(self, exporter: Exporter, target: str | None) -> None:
+        try:
+            body, content_type = exporter.metrics(
+                self.headers.get("Accept"),
+                self.headers.get("X-Prometheus-Scrape-Timeout-Seconds"),
+                target,
+            )
+        except UnknownTargetError:
+            # The name is not echoed: it is the caller's input, and may be anything.
+            self._answer(400, b"Unknown target: not one of the configured targets\n", _TEXT)
+            return
+        except Exception:
+            # Upstream faults never get here (the collector answers them); this is a bug.
+            log.exception("scrape failed on an internal error")
+            self._answer(500, b"Internal error, see the exporter's log\n", _TEXT)
+            return
+        self._answer(200, body, content_type)
+
+    def _answer(
+        self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
+    ) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(body)
 

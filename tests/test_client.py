@@ -12,15 +12,20 @@ import respx
 
 from exporter.client import StatsClient, redact_url
 from exporter.errors import FetchError, ParseError
+from exporter.targets import Target
 
 from samples import sample_bytes
 
 URL = "http://api.test:3001/api/jobs/stats"
 
 
+def target(url: str, max_body_size: int = 5 * 1024 * 1024) -> Target:
+    return Target(name="test", url=url, timeout=10.0, max_body_size=max_body_size)
+
+
 @pytest.fixture
 def client() -> Iterator[StatsClient]:
-    stats_client = StatsClient(URL, max_body_bytes=64 * 1024)
+    stats_client = StatsClient(target(URL, max_body_size=64 * 1024))
     yield stats_client
     stats_client.close()
 
@@ -40,7 +45,7 @@ def test_redact_url_drops_credentials_and_query(url: str, shown: str) -> None:
 @respx.mock
 def test_fetch_sends_one_get_asking_for_json(client: StatsClient) -> None:
     route = respx.get(URL).respond(200, content=sample_bytes("enabled"))
-    assert client.fetch(5) == sample_bytes("enabled")
+    assert client.fetch(5).body == sample_bytes("enabled")
     assert route.call_count == 1
     request = route.calls.last.request
     assert request.headers["Accept"] == "application/json"
@@ -85,7 +90,7 @@ def test_corrupt_compressed_body_is_invalid_json(client: StatsClient) -> None:
 @respx.mock
 def test_any_2xx_is_read(client: StatsClient, status: int) -> None:
     respx.get(URL).respond(status, content=b"{}")
-    assert client.fetch(5) == b"{}"
+    assert client.fetch(5).body == b"{}"
 
 
 @pytest.mark.parametrize("status", [301, 400, 401, 404, 500, 502, 503, 504])
@@ -108,7 +113,7 @@ def test_a_trickling_body_still_times_out() -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, content=trickle())
 
-    stats_client = StatsClient(URL, transport=httpx.MockTransport(handler))
+    stats_client = StatsClient(target(URL), transport=httpx.MockTransport(handler))
     try:
         with pytest.raises(FetchError) as caught:
             stats_client.fetch(0.3)
@@ -118,7 +123,7 @@ def test_a_trickling_body_still_times_out() -> None:
 
 
 def test_connection_refused_is_connect() -> None:
-    stats_client = StatsClient("http://127.0.0.1:9/api/jobs/stats")
+    stats_client = StatsClient(target("http://127.0.0.1:9/api/jobs/stats"))
     try:
         with pytest.raises(FetchError) as caught:
             stats_client.fetch(2)
@@ -128,6 +133,6 @@ def test_connection_refused_is_connect() -> None:
 
 
 def test_close_is_idempotent() -> None:
-    stats_client = StatsClient(URL)
+    stats_client = StatsClient(target(URL))
     stats_client.close()
     stats_client.close()

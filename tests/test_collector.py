@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from exporter.client import StatsClient
 from exporter.collector import SCRAPE_ERROR_REASONS, JobStatsCollector, ScrapeErrors
 from exporter.schedule import CronSchedules
+from exporter.targets import Target
 
 from samples import sample, sample_bytes
 
@@ -53,9 +54,10 @@ def upstream() -> Upstream:
 
 @pytest.fixture
 def client(upstream: Upstream) -> Iterator[StatsClient]:
-    stats_client = StatsClient(
-        "http://api.test/api/jobs/stats", 1024 * 1024, httpx.MockTransport(upstream)
+    target = Target(
+        name="test", url="http://api.test/api/jobs/stats", timeout=5.0, max_body_size=1024 * 1024
     )
+    stats_client = StatsClient(target, httpx.MockTransport(upstream))
     yield stats_client
     stats_client.close()
 

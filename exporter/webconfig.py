@@ -1,0 +1,155 @@
+"""TLS and basic auth for the exporter's own endpoints, from a web config file.
+
+The file has the format of the Prometheus exporter-toolkit's
+`--web.config.file`, so one file can serve this exporter and Go exporters
+alike. Passwords are bcrypt hashes; a verified pair is remembered (by a
+SHA-256 of the password, never the password) so bcrypt's deliberate
+slowness is paid once per client, not once per scrape.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import ssl
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import yaml
+
+from .errors import ConfigError
+
+__all__ = ["WebConfig", "load_web_config"]
+
+_TLS_KEYS = {"cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version"}
+_CLIENT_AUTH = {"NoClientCert", "RequireAndVerifyClientCert"}
+_VERSIONS = {"TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
+#: A bcrypt hash (cost 10) of no password anyone sends, to check unknown users against.
+_UNKNOWN_USER_HASH = b"$2b$10$StxjP7PtYZuGvzW6R4l0zeRN/mQgEJp../i1idZjaVhpEc3S9pS.2"
+#: Verified credentials remembered at most; past that the cache starts over.
+_MAX_REMEMBERED = 256
+
+
+@dataclass(frozen=True, slots=True)
+class WebConfig:
+    """How clients reach /metrics: TLS settings and users with bcrypt password hashes."""
+
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_ca_file: str | None = None
+    client_auth_type: str = "NoClientCert"
+    min_version: str = "TLS12"
+    users: Mapping[str, bytes] = field(default_factory=dict, repr=False)
+    _verified: dict[tuple[str, bytes], bool] = field(
+        default_factory=dict, repr=False, compare=False
+    )
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def tls(self) -> bool:
+        return self.cert_file is not None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = _VERSIONS[self.min_version]
+        context.load_cert_chain(str(self.cert_file), self.key_file)
+        if self.client_auth_type == "RequireAndVerifyClientCert":
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.load_verify_locations(cafile=self.client_ca_file)
+        return context
+
+    def authorized(self, header: str | None) -> bool:
+        """True when no user is configured, or `header` is Basic with a known user's password."""
+        if not self.users:
+            return True
+        if header is None or not header.startswith("Basic "):
+            return False
+        try:
+            decoded = base64.b64decode(header[6:], validate=True).decode("utf-8")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        user, sep, password = decoded.partition(":")
+        hashed = self.users.get(user)
+        if not sep or hashed is None:
+            # As slow as a known user's check, so that timing does not tell which users exist.
+            bcrypt.checkpw(password.encode(), _UNKNOWN_USER_HASH)
+            return False
+        key = (user, hashlib.sha256(password.encode()).digest())
+        with self._lock:
+            known = self._verified.get(key)
+        if known is not None:
+            return known
+        ok = bcrypt.checkpw(password.encode(), hashed)
+        with self._lock:
+            if len(self._verified) >= _MAX_REMEMBERED:
+                self._verified.clear()
+            self._verified[key] = ok
+        return ok
+
+
+def load_web_config(path: str) -> WebConfig:
+    """Read and check the web config file; ConfigError names the key."""
+    try:
+        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"web.config_file: cannot read {path}: {error.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError):
+        raise ConfigError(f"web.config_file: {path} is not valid YAML") from None
+    document = document or {}
+    _only(document, "", {"tls_server_config", "basic_auth_users"}, path)
+    tls = document.get("tls_server_config") or {}
+    _only(tls, "tls_server_config.", _TLS_KEYS, path)
+    values: dict[str, Any] = {key: _text(tls[key], f"tls_server_config.{key}", path) for key in tls}
+    if ("cert_file" in values) != ("key_file" in values):
+        raise ConfigError("tls_server_config: cert_file and key_file go together")
+    if values.get("client_auth_type", "NoClientCert") not in _CLIENT_AUTH:
+        raise ConfigError(
+            f"tls_server_config.client_auth_type: expected one of {', '.join(sorted(_CLIENT_AUTH))}"
+        )
+    if (
+        values.get("client_auth_type") == "RequireAndVerifyClientCert"
+        and "client_ca_file" not in values
+    ):
+        raise ConfigError("tls_server_config.client_ca_file: needed to verify client certificates")
+    if values.get("min_version", "TLS12") not in _VERSIONS:
+        raise ConfigError("tls_server_config.min_version: expected TLS12 or TLS13")
+    if values and "cert_file" not in values:
+        raise ConfigError("tls_server_config.cert_file: missing")
+    users = document.get("basic_auth_users") or {}
+    if not isinstance(users, dict):
+        raise ConfigError("basic_auth_users: expected a mapping of user names to bcrypt hashes")
+    hashes: dict[str, bytes] = {}
+    for user, hashed in users.items():
+        text = _text(hashed, f"basic_auth_users.{user}", path)
+        if not text.startswith(("$2a$", "$2b$", "$2y$")):
+            # Never echo the value: it may be a password written where a hash belongs.
+            raise ConfigError(f"basic_auth_users.{user}: expected a bcrypt hash ($2y$...)")
+        hashes[str(user)] = text.encode()
+    config = WebConfig(users=hashes, **values)
+    if config.tls:
+        try:
+            config.ssl_context()
+        except (ssl.SSLError, OSError) as error:
+            raise ConfigError(f"tls_server_config: cannot load the certificate: {error}") from None
+    return config
+
+
+def _only(node: Any, prefix: str, allowed: set[str], path: str) -> None:
+    if not isinstance(node, dict):
+        raise ConfigError(
+            f"{prefix.rstrip('.') or 'web.config_file'}: expected a mapping in {path}"
+        )
+    for key in node:
+        if key not in allowed:
+            raise ConfigError(f"{prefix}{key}: unknown key in {path}")
+
+
+def _text(raw: Any, where: str, path: str) -> str:
+    if raw is None or isinstance(raw, dict | list | bool):
+        raise ConfigError(f"{where}: expected a single value in {path}")
+    return str(raw)
