@@ -83,8 +83,11 @@ def _parser() -> _Parser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("serve", parents=[common], help="serve /metrics (the default)")
-    commands.add_parser(
+    check = commands.add_parser(
         "check", parents=[common], help="fetch the stats once and print them like the admin card"
+    )
+    check.add_argument(
+        "--target", dest="check_target", default=None, help="a target of the config file by name"
     )
     demo = commands.add_parser(
         "demo", parents=[common], help="run a simulated stats API and serve the exporter on it"
@@ -145,7 +148,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if command == "healthcheck":
         return _healthcheck(config, web)
     if command == "check":
-        return _check(config)
+        return _check(config, args.get("check_target"))
     if command == "simulate":
         return _simulate(args["simulate_address"], args["seed"])
     if command == "demo":
@@ -187,11 +190,18 @@ def _serve(config: Config, web: WebConfig | None, announce: str | None = None) -
     return 0
 
 
-def _check(config: Config) -> int:
+def _check(config: Config, name: str | None) -> int:
+    names = [target.name for target in config.targets]
+    if name is not None and name not in names:
+        print(
+            f"{PROG} check: no target {name!r}; the targets are {', '.join(names)}", file=sys.stderr
+        )
+        return 2
     exporter = Exporter(config)
     try:
-        target = exporter.client.target
-        stats = parse_stats(exporter.client.fetch(target.timeout).body, config.limits)
+        client = exporter.client_for(name)
+        target = client.target
+        stats = parse_stats(client.fetch(target.timeout).body, config.limits)
     except (FetchError, ParseError) as error:
         print(f"{PROG} check: {error.reason}: {error}", file=sys.stderr)
         return 1

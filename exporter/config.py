@@ -174,10 +174,12 @@ class Setting:
     field: str
     check: Callable[[str], Any]
     help: str
+    #: A flag spelled otherwise than the key says, to match a Prometheus tool's.
+    flag_name: str | None = None
 
     @property
     def flag(self) -> str:
-        return "--" + self.key.replace("_", "-")
+        return self.flag_name or "--" + self.key.replace("_", "-")
 
     @property
     def env(self) -> str:
@@ -213,6 +215,8 @@ SETTINGS = (
         "web_config_file",
         _readable_file,
         "TLS and basic auth of the exporter's own endpoints (exporter-toolkit format)",
+        # The exporter-toolkit's own spelling, so a Go exporter's unit file carries over.
+        flag_name="--web.config.file",
     ),
     Setting("cron.timezone", "cron_timezone", _timezone, "time zone the cron patterns are read in"),
     Setting("limits.max_queues", "max_queues", _count, "queues exported at most; the rest dropped"),

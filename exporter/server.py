@@ -100,8 +100,15 @@ class Exporter:
 
     @property
     def client(self) -> StatsClient:
-        """The default target's client (what /metrics and `check` read)."""
+        """The default target's client (what /metrics reads)."""
         return self._targets[self.default_target].client
+
+    def client_for(self, target: str | None) -> StatsClient:
+        """The client of `target` (default: the first); UnknownTargetError if none."""
+        state = self._targets.get(target or self.default_target)
+        if state is None:
+            raise UnknownTargetError(target)
+        return state.client
 
     def registry(
         self, timeout: float | None = None, target: str | None = None

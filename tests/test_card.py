@@ -7,6 +7,7 @@ import json
 import pytest
 
 from exporter.card import countdown, render_card
+from exporter.cli import main
 from exporter.model import parse_stats
 from exporter.schedule import CronSchedules
 
@@ -99,3 +100,12 @@ def test_card_lists_skipped_queues() -> None:
     document["stats"]["inventory"]["failed"] = -1
     card = render_card(parse_stats(json.dumps(document).encode()), 0, CronSchedules("UTC"), "x")
     assert "skipped malformed queue: stats.inventory.failed" in card
+
+
+def test_check_names_the_targets_when_asked_for_an_unknown_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["check", "--target", "nope"], environ={}) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "the targets are default" in err
