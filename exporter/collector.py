@@ -2,7 +2,10 @@
 
 The only I/O is one `client.fetch()` per scrape. The exporter's own errors
 (`FetchError`, `ParseError`) become `jobstats_up 0` plus a counted reason and
-one log line; anything else is a bug and is left to surface.
+one log line; anything else is a bug and is left to surface. The families are
+built once per scrape and either handed to prometheus_client (`collect()`,
+OpenMetrics) or written straight as text (`render_text()`), byte for byte
+what prometheus_client writes but without its per-sample cost.
 """
 
 from __future__ import annotations
@@ -12,10 +15,12 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from . import __version__
 from .client import StatsClient
@@ -23,7 +28,7 @@ from .errors import FetchError, ParseError
 from .model import KNOWN_STATUSES, Limits, Stats, parse_stats
 from .schedule import CronSchedules
 
-__all__ = ["SCRAPE_ERROR_REASONS", "JobStatsCollector", "ScrapeErrors"]
+__all__ = ["SCRAPE_ERROR_REASONS", "Family", "JobStatsCollector", "ScrapeErrors", "render_text"]
 
 #: Every reason a scrape can fail for; each is exported from the start, at 0.
 SCRAPE_ERROR_REASONS = (
@@ -60,8 +65,38 @@ class ScrapeErrors:
             return dict(self._counts)
 
 
+@dataclass(slots=True)
+class Family:
+    """One metric family of a scrape: what prometheus_client would hold, kept lean."""
+
+    name: str  # as prometheus_client names it: no `_total` on a counter, no `_info` on info
+    help: str
+    kind: str  # gauge, counter or info
+    labels: tuple[str, ...] = ()
+    rows: list[tuple[tuple[str, ...], float]] = field(default_factory=list)
+
+    def add(self, values: tuple[str, ...], value: float) -> None:
+        self.rows.append((values, value))
+
+    def metric(self) -> Metric:
+        """The same family as a prometheus_client Metric, for its encoders."""
+        if self.kind == "info":
+            ((values, _),) = self.rows
+            return InfoMetricFamily(
+                self.name, self.help, value=dict(zip(self.labels, values, strict=True))
+            )
+        family: Metric
+        if self.kind == "counter":
+            family = CounterMetricFamily(self.name, self.help, labels=self.labels)
+        else:
+            family = GaugeMetricFamily(self.name, self.help, labels=self.labels)
+        for values, value in self.rows:
+            family.add_metric(list(values), value)
+        return family
+
+
 class JobStatsCollector(Collector):
-    """Collects one scrape: fetch with `timeout`, parse, yield the families."""
+    """Collects one scrape: fetch with `timeout`, parse, build the families."""
 
     def __init__(
         self,
@@ -82,6 +117,11 @@ class JobStatsCollector(Collector):
         self.timer = timer
 
     def collect(self) -> Iterator[Metric]:
+        for family in self.families():
+            yield family.metric()
+
+    def families(self) -> list[Family]:
+        """Scrape the upstream once and build every family of this scrape, in order."""
         started = self.timer()
         age = 0.0
         try:
@@ -94,38 +134,49 @@ class JobStatsCollector(Collector):
             stats = None
         duration = self.timer() - started
 
-        yield GaugeMetricFamily(
-            "jobstats_up",
-            "1 when this scrape's fetch and parse of the stats API succeeded, else 0.",
-            value=0 if stats is None else 1,
-        )
-        yield GaugeMetricFamily(
-            "jobstats_scrape_duration_seconds",
-            "Time spent on the upstream call and parse, this scrape.",
-            value=duration,
-        )
-        errors = CounterMetricFamily(
+        families = [
+            _single(
+                "jobstats_up",
+                "1 when this scrape's fetch and parse of the stats API succeeded, else 0.",
+                0 if stats is None else 1,
+            ),
+            _single(
+                "jobstats_scrape_duration_seconds",
+                "Time spent on the upstream call and parse, this scrape.",
+                duration,
+            ),
+        ]
+        errors = Family(
             "jobstats_scrape_errors",
             "Failed scrapes of the stats API since start, by reason.",
-            labels=["reason"],
+            "counter",
+            ("reason",),
         )
         for reason, count in self.errors.snapshot().items():
-            errors.add_metric([reason], count)
-        yield errors
+            errors.add((reason,), count)
+        families.append(errors)
         if stats is not None:
-            yield GaugeMetricFamily(
-                "jobstats_result_age_seconds",
-                "Age of the upstream answer this scrape shows: 0 unless min_interval reuses one.",
-                value=age,
+            families.append(
+                _single(
+                    "jobstats_result_age_seconds",
+                    "Age of the upstream answer this scrape shows: 0 unless min_interval reuses"
+                    " one.",
+                    age,
+                )
             )
-            yield from self._stats_families(stats)
-        yield InfoMetricFamily(
-            "jobstats_exporter_build",
-            "The exporter's version and Python version.",
-            value={"version": __version__, "python_version": platform.python_version()},
+            families.extend(self._stats_families(stats))
+        families.append(
+            Family(
+                "jobstats_exporter_build",
+                "The exporter's version and Python version.",
+                "info",
+                ("version", "python_version"),
+                [((__version__, platform.python_version()), 1)],
+            )
         )
+        return families
 
-    def _stats_families(self, stats: Stats) -> Iterator[Metric]:
+    def _stats_families(self, stats: Stats) -> list[Family]:
         for error in stats.invalid[:MAX_LOGGED_INVALID]:
             log.warning("queue skipped", extra={"reason": error.reason, "err": str(error)})
         if len(stats.invalid) > MAX_LOGGED_INVALID:
@@ -136,92 +187,151 @@ class JobStatsCollector(Collector):
                     "count": len(stats.invalid) - MAX_LOGGED_INVALID,
                 },
             )
-        dropped = GaugeMetricFamily(
+        dropped = Family(
             "jobstats_dropped_queues",
             "Queues left out this scrape by a limit (max_queues, max_queue_name_length).",
-            labels=["limit"],
+            "gauge",
+            ("limit",),
         )
-        dropped.add_metric(["max_queues"], stats.dropped_queues)
-        dropped.add_metric(["max_queue_name_length"], stats.dropped_long_names)
-        yield dropped
-        yield GaugeMetricFamily(
-            "jobstats_dropped_states",
-            "Extra states left out this scrape by max_extra_states or the name length limit.",
-            value=stats.dropped_states,
-        )
+        dropped.add(("max_queues",), stats.dropped_queues)
+        dropped.add(("max_queue_name_length",), stats.dropped_long_names)
+        families = [
+            dropped,
+            _single(
+                "jobstats_dropped_states",
+                "Extra states left out this scrape by max_extra_states or the name length limit.",
+                stats.dropped_states,
+            ),
+        ]
         if stats.redis_available is not None:
-            yield GaugeMetricFamily(
-                "jobstats_redis_available",
-                "1 when the backend reaches Redis (redisAvailable), else 0.",
-                value=int(stats.redis_available),
+            families.append(
+                _single(
+                    "jobstats_redis_available",
+                    "1 when the backend reaches Redis (redisAvailable), else 0.",
+                    int(stats.redis_available),
+                )
             )
-        yield GaugeMetricFamily(
-            "jobstats_redis_enabled",
-            "1 when stats.redisStatus is 'enabled', else 0.",
-            value=int(stats.redis_enabled),
-        )
-        yield GaugeMetricFamily(
-            "jobstats_queues", "Number of queues exported this scrape.", value=len(stats.queues)
-        )
-        yield GaugeMetricFamily(
-            "jobstats_invalid_queues",
-            "Queues skipped this scrape because their entry was malformed.",
-            value=len(stats.invalid),
-        )
+        families += [
+            _single(
+                "jobstats_redis_enabled",
+                "1 when stats.redisStatus is 'enabled', else 0.",
+                int(stats.redis_enabled),
+            ),
+            _single("jobstats_queues", "Number of queues exported this scrape.", len(stats.queues)),
+            _single(
+                "jobstats_invalid_queues",
+                "Queues skipped this scrape because their entry was malformed.",
+                len(stats.invalid),
+            ),
+        ]
 
-        jobs = GaugeMetricFamily(
-            "jobstats_queue_jobs", "Jobs in the queue by state.", labels=["queue", "state"]
+        jobs = Family(
+            "jobstats_queue_jobs", "Jobs in the queue by state.", "gauge", ("queue", "state")
         )
-        status = GaugeMetricFamily(
+        status = Family(
             "jobstats_queue_status",
             "The queue's status, one-hot over active, paused, stopped and unknown.",
-            labels=["queue", "status"],
+            "gauge",
+            ("queue", "status"),
         )
-        recurring = GaugeMetricFamily(
+        recurring = Family(
             "jobstats_queue_recurring_jobs",
             "Number of job schedulers (recurringJobs.count).",
-            labels=["queue"],
+            "gauge",
+            ("queue",),
         )
-        next_run = GaugeMetricFamily(
+        next_run = Family(
             "jobstats_queue_next_run_timestamp_seconds",
             "Soonest scheduled run as reported by the API (recurringJobs.nextRun).",
-            labels=["queue"],
+            "gauge",
+            ("queue",),
         )
-        cron_next = GaugeMetricFamily(
+        cron_next = Family(
             "jobstats_queue_cron_next_run_timestamp_seconds",
             "Next fire time of recurringJobs.cron, computed by the exporter.",
-            labels=["queue"],
+            "gauge",
+            ("queue",),
         )
-        cron_interval = GaugeMetricFamily(
+        cron_interval = Family(
             "jobstats_queue_cron_interval_seconds",
             "Seconds between the next two fires of recurringJobs.cron.",
-            labels=["queue"],
+            "gauge",
+            ("queue",),
         )
-        info = GaugeMetricFamily(
+        info = Family(
             "jobstats_queue_recurring_info",
             "The queue's cron pattern and the pattern in words; always 1.",
-            labels=["queue", "cron", "schedule"],
+            "gauge",
+            ("queue", "cron", "schedule"),
         )
         now = self.clock()
         for queue in stats.queues:
             name = queue.name
             for state, count in queue.states():
-                jobs.add_metric([name, state], count)
+                jobs.add((name, state), count)
             for candidate in STATUSES:
-                status.add_metric([name, candidate], 1 if candidate == queue.status else 0)
+                status.add((name, candidate), 1 if candidate == queue.status else 0)
             if queue.recurring is None:
                 continue
-            recurring.add_metric([name], queue.recurring.count)
+            recurring.add((name,), queue.recurring.count)
             if queue.recurring.next_run_ms is not None:
-                next_run.add_metric([name], queue.recurring.next_run_ms / 1000)
+                next_run.add((name,), queue.recurring.next_run_ms / 1000)
             pattern = queue.recurring.cron
             if pattern is None:
                 continue
             schedule = self.schedules.at(pattern, now)
             if schedule is None:
-                info.add_metric([name, pattern, INVALID_SCHEDULE], 1)
+                info.add((name, pattern, INVALID_SCHEDULE), 1)
                 continue
-            info.add_metric([name, pattern, schedule.words], 1)
-            cron_next.add_metric([name], schedule.next_fire_time)
-            cron_interval.add_metric([name], schedule.interval_seconds)
-        yield from (jobs, status, recurring, next_run, cron_next, cron_interval, info)
+            info.add((name, pattern, schedule.words), 1)
+            cron_next.add((name,), schedule.next_fire_time)
+            cron_interval.add((name,), schedule.interval_seconds)
+        return [*families, jobs, status, recurring, next_run, cron_next, cron_interval, info]
+
+
+def render_text(families: list[Family]) -> str:
+    """The families in the Prometheus text format 0.0.4, as generate_latest writes them.
+
+    Label values are escaped once per distinct value, not once per sample: a queue's
+    name appears in about fifteen samples.
+    """
+    escaped: dict[str, str] = {}
+    lines: list[str] = []
+    for family in families:
+        name = family.name
+        if family.kind == "counter":
+            name += "_total"
+        elif family.kind == "info":
+            name += "_info"
+        help_text = family.help.replace("\\", r"\\").replace("\n", r"\n")
+        kind = "counter" if family.kind == "counter" else "gauge"
+        lines.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
+        keys = family.labels
+        # prometheus_client writes labels sorted by name.
+        order = sorted(range(len(keys)), key=keys.__getitem__)
+        for values, value in family.rows:
+            if keys:
+                pairs = []
+                for index in order:
+                    key, raw = keys[index], values[index]
+                    text = escaped.get(raw)
+                    if text is None:
+                        text = escaped[raw] = (
+                            raw.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+                        )
+                    pairs.append(f'{key}="{text}"')
+                lines.append(f"{name}{{{','.join(pairs)}}} {_number(value)}\n")
+            else:
+                lines.append(f"{name} {_number(value)}\n")
+    return "".join(lines)
+
+
+def _number(value: float) -> str:
+    # floatToGoString's result for a small whole number, without its float round trip.
+    if type(value) is int and -1_000_000 < value < 1_000_000:
+        return f"{value}.0"
+    return str(floatToGoString(value))  # type: ignore[no-untyped-call]
+
+
+def _single(name: str, help_text: str, value: float) -> Family:
+    return Family(name, help_text, "gauge", (), [((), value)])

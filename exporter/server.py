@@ -25,11 +25,11 @@ from urllib.parse import parse_qs, urlsplit
 
 import httpx
 from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.exposition import choose_encoder
+from prometheus_client.exposition import choose_encoder, generate_latest
 
 from . import __version__
 from .client import EventLoop, StatsClient, redact_url
-from .collector import JobStatsCollector, ScrapeErrors
+from .collector import JobStatsCollector, ScrapeErrors, render_text
 from .config import Config, parse_listen_address
 from .schedule import CronSchedules
 from .webconfig import WebConfig
@@ -47,6 +47,8 @@ SCRAPE_TIMEOUT_MARGIN = 0.5
 #: Seconds a client has to finish the TLS handshake and send its request.
 HANDSHAKE_TIMEOUT = 10.0
 _TEXT = "text/plain; charset=utf-8"
+#: The Prometheus text exposition format, as every Prometheus version reads it.
+TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
 #: Paths answered without credentials: they tell nothing but that the process runs.
 _OPEN_PATHS = ("/-/healthy", "/-/ready")
 
@@ -55,6 +57,29 @@ log = logging.getLogger("jobstats_exporter")
 
 class UnknownTargetError(LookupError):
     """A /probe for a name that is not a configured target."""
+
+
+def wants_openmetrics(accept: str | None) -> bool:
+    """True when the client takes OpenMetrics but not the text format.
+
+    Prometheus accepts both and gets the text format, as from client_golang by default:
+    it carries the same samples and is written far faster here.
+    """
+    if not accept:
+        return False
+    openmetrics = False
+    for media_range in accept.split(","):
+        kind, *params = (part.strip() for part in media_range.split(";"))
+        quality = next((p[2:] for p in params if p.startswith("q=")), "1")
+        try:
+            if float(quality) <= 0:
+                continue
+        except ValueError:
+            continue
+        if kind in ("text/plain", "text/*", "*/*"):
+            return False
+        openmetrics = openmetrics or kind == "application/openmetrics-text"
+    return openmetrics
 
 
 def scrape_timeout(configured: float, header: str | None) -> float:
@@ -97,6 +122,8 @@ class Exporter:
         }
         self.default_target = config.targets[0].name
         self._process = ProcessCollector(registry=None)
+        self._process_registry = CollectorRegistry(auto_describe=False)
+        self._process_registry.register(self._process)
 
     @property
     def client(self) -> StatsClient:
@@ -118,18 +145,14 @@ class Exporter:
         if state is None:
             raise UnknownTargetError(target)
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(
-            JobStatsCollector(
-                state.client,
-                timeout or state.client.target.timeout,
-                self.schedules,
-                state.errors,
-                self.config.limits,
-                self.clock,
-            )
-        )
+        registry.register(self._collector(state, timeout or state.client.target.timeout))
         registry.register(self._process)
         return registry
+
+    def _collector(self, state: _TargetState, timeout: float) -> JobStatsCollector:
+        return JobStatsCollector(
+            state.client, timeout, self.schedules, state.errors, self.config.limits, self.clock
+        )
 
     def metrics(
         self, accept: str | None, timeout_header: str | None, target: str | None = None
@@ -138,9 +161,14 @@ class Exporter:
         state = self._targets.get(target or self.default_target)
         if state is None:
             raise UnknownTargetError(target)
-        encoder, content_type = choose_encoder(accept or "")
         timeout = scrape_timeout(state.client.target.timeout, timeout_header)
-        return encoder(self.registry(timeout, target)), content_type
+        if wants_openmetrics(accept):
+            encoder, content_type = choose_encoder(accept or "")
+            return encoder(self.registry(timeout, target)), content_type
+        # The text format, written directly: what generate_latest writes, without its cost.
+        families = self._collector(state, timeout).families()
+        body = render_text(families).encode() + generate_latest(self._process_registry)
+        return body, TEXT_FORMAT
 
     def landing_page(self) -> bytes:
         rows = "\n".join(

@@ -17,10 +17,16 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.client import StatsClient
-from exporter.collector import SCRAPE_ERROR_REASONS, JobStatsCollector, ScrapeErrors
+from exporter.collector import (
+    SCRAPE_ERROR_REASONS,
+    JobStatsCollector,
+    ScrapeErrors,
+    render_text,
+)
 from exporter.schedule import CronSchedules
 from exporter.targets import Target
 
@@ -317,3 +323,35 @@ def test_odd_queue_names_come_back_as_the_exact_label_values(
         if name == "jobstats_queue_jobs"
     }
     assert names == {'say "hi"', "back\\slash\nnew line", "очередь-✓"}
+
+
+@pytest.mark.parametrize("scenario", [*SCENARIOS, "api-down"])
+def test_fast_text_rendering_is_what_prometheus_client_writes(
+    scenario: str, upstream: Upstream, client: StatsClient, errors: ScrapeErrors
+) -> None:
+    if scenario == "api-down":
+
+        def refuse(request: httpx.Request) -> httpx.Response:
+            raise httpx.ConnectError("connection refused", request=request)
+
+        upstream.handler = refuse
+    else:
+        upstream.serve(SCENARIOS[scenario])
+    ticks = iter([10.0, 10.25])
+    collector = JobStatsCollector(
+        client, 5.0, CronSchedules("UTC"), errors, clock=lambda: NOW, timer=lambda: next(ticks)
+    )
+    families = collector.families()
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StaticCollector([family.metric() for family in families]))
+    assert render_text(families) == generate_latest(registry).decode()
+
+
+class StaticCollector:
+    """Hands prometheus_client the families of one scrape, so both renderings see the same."""
+
+    def __init__(self, metrics: list[Metric]) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.metrics)

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import Config
-from exporter.server import Exporter, MetricsServer, scrape_timeout
+from exporter.server import Exporter, MetricsServer, scrape_timeout, wants_openmetrics
 
 from samples import sample_bytes
 
@@ -39,6 +39,31 @@ def test_scrape_timeout_is_bounded_by_prometheus_header(
     configured: float, header: str | None, expected: float
 ) -> None:
     assert scrape_timeout(configured, header) == pytest.approx(expected)
+
+
+PROMETHEUS_ACCEPT = (
+    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;"
+    "q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+)
+
+
+@pytest.mark.parametrize(
+    ("accept", "openmetrics"),
+    [
+        (None, False),
+        ("", False),
+        (PROMETHEUS_ACCEPT, False),
+        ("text/plain", False),
+        ("*/*", False),
+        ("application/openmetrics-text; version=1.0.0", True),
+        ("application/openmetrics-text;version=1.0.0,text/plain;q=0", True),
+        ("application/json", False),
+    ],
+)
+def test_openmetrics_only_for_clients_that_do_not_take_the_text_format(
+    accept: str | None, openmetrics: bool
+) -> None:
+    assert wants_openmetrics(accept) is openmetrics
 
 
 class Running:
