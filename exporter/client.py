@@ -185,8 +185,9 @@ class StatsClient:
         try:
             headers = self.target.request_headers()
             auth = self.target.basic_auth()
-        except OSError:
-            raise FetchError("connect", f"GET {where}: cannot read a credential file") from None
+        except (OSError, ValueError) as error:
+            problem = str(error) if isinstance(error, ValueError) else "cannot read a credential"
+            raise FetchError("connect", f"GET {where}: {problem}") from None
         try:
             async with asyncio.timeout(timeout):
                 async with self._client.stream(
@@ -220,6 +221,9 @@ class StatsClient:
         except (httpx.InvalidURL, UnicodeError) as error:
             # The config check reads URLs as httpx does; this is a net under it.
             raise FetchError("connect", f"GET {where}: invalid URL: {error}") from None
+        except httpx.ProtocolError as error:
+            # Its text may quote what was sent, credentials included: name the kind only.
+            raise FetchError("connect", f"GET {where}: {type(error).__name__}") from None
         except httpx.TransportError as error:
             raise FetchError("connect", f"GET {where}: {type(error).__name__}: {error}") from None
 

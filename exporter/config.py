@@ -253,6 +253,9 @@ def load_config(flags: Mapping[str, str], environ: Mapping[str, str]) -> Config:
             raw, source = environ[setting.env], setting.env
         elif setting.key in from_file:
             raw, source = from_file[setting.key], f"{config_file}"
+            if setting.check is _readable_file and config_file:
+                # As for targets' files: a relative name is read from the config file's folder.
+                raw = str(Path(config_file).parent / str(raw))
         else:
             continue
         try:
@@ -309,6 +312,8 @@ def _read_file(path: str) -> tuple[dict[str, Any], Any]:
     if not isinstance(document, dict):
         raise ConfigError(f"config.file: expected a mapping in {path}")
     document = dict(document)
+    if "targets" in document and document["targets"] is None:
+        raise ConfigError(f"targets: expected a non-empty list in {path}")
     raw_targets = document.pop("targets", None)
     if raw_targets is not None and not isinstance(raw_targets, list):
         raise ConfigError(f"targets: expected a list in {path}")

@@ -37,9 +37,15 @@ class Secret:
     value: str | None = field(default=None, repr=False)
 
     def read(self) -> str:
+        """The secret now. OSError when its file is gone, ValueError when it breaks a header."""
         if self.file is None:
-            return self.value or ""
-        return Path(self.file).read_text(encoding="utf-8").rstrip("\r\n")
+            text = self.value or ""
+        else:
+            text = Path(self.file).read_text(encoding="utf-8").rstrip("\r\n")
+        if any(c in text for c in "\r\n\0"):
+            # Never in a header (and so never in the error httpx would make of it).
+            raise ValueError(f"the secret from {self.source} holds a line break")
+        return text
 
     def __repr__(self) -> str:
         return f"Secret(from {self.source})"
@@ -194,9 +200,15 @@ def _target(
 
 
 def _secret(
-    fields: Mapping[str, Any], stem: str, where: str, path: str, environ: Mapping[str, str]
+    fields: Mapping[str, Any],
+    stem: str,
+    where: str,
+    path: str,
+    environ: Mapping[str, str],
+    keys: tuple[str, str] | None = None,
 ) -> Secret | None:
-    file_key, env_key = f"{stem}_file", f"{stem}_env"
+    """The secret of `<stem>_file` or `<stem>_env` (or of the two `keys` given), checked."""
+    file_key, env_key = keys or (f"{stem}_file", f"{stem}_env")
     if file_key in fields and env_key in fields:
         raise ConfigError(f"{where}.{env_key}: give {file_key} or {env_key}, not both")
     if file_key in fields:
@@ -207,12 +219,19 @@ def _secret(
         except (OSError, UnicodeDecodeError) as error:
             reason = getattr(error, "strerror", None) or "not UTF-8 text"
             raise ConfigError(f"{where}.{file_key}: cannot read {file}: {reason}") from None
+        except ValueError as error:
+            raise ConfigError(f"{where}.{file_key}: {error}") from None
         return secret
     if env_key in fields:
         variable = _text(fields[env_key], f"{where}.{env_key}", path)
         if variable not in environ:
             raise ConfigError(f"{where}.{env_key}: the variable {variable} is not set")
-        return Secret(f"variable {variable}", value=environ[variable])
+        secret = Secret(f"variable {variable}", value=environ[variable])
+        try:
+            secret.read()
+        except ValueError as error:
+            raise ConfigError(f"{where}.{env_key}: {error}") from None
+        return secret
     return None
 
 
@@ -223,16 +242,14 @@ def _headers(
         raise ConfigError(f"{where}: expected a mapping of header names to values in {path}")
     headers: list[tuple[str, str | Secret]] = []
     for name, value in raw.items():
-        key = f"{where}.{name}"
+        key = f"{where}.{_shown(name)}"
         if not isinstance(name, str) or not _HEADER_NAME.match(name):
             raise ConfigError(f"{key}: not a valid header name")
         if name.lower() in _RESERVED_HEADERS:
             raise ConfigError(f"{key}: set by the exporter or by the auth settings, not here")
         if isinstance(value, dict):
             source = _mapping(value, key, path, {"file", "env"})
-            secret = _secret(
-                {f"value_{k}": v for k, v in source.items()}, "value", key, path, environ
-            )
+            secret = _secret(source, "value", key, path, environ, keys=("file", "env"))
             if secret is None:
                 raise ConfigError(f"{key}: expected a value, or file: or env:")
             headers.append((name, secret))
@@ -279,8 +296,14 @@ def _mapping(raw: Any, where: str, path: str, allowed: set[str]) -> dict[str, An
         raise ConfigError(f"{where}: expected a mapping in {path}")
     for key in raw:
         if key not in allowed:
-            raise ConfigError(f"{where}.{key}: unknown key in {path}")
+            raise ConfigError(f"{where}.{_shown(key)}: unknown key in {path}")
     return raw
+
+
+def _shown(key: Any) -> str:
+    """A key as an error message shows it: on one line, whatever it holds."""
+    text = str(key)
+    return text if text.isprintable() else repr(text)
 
 
 def _text(raw: Any, where: str, path: str) -> str:

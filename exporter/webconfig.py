@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 import ssl
 import threading
 from collections.abc import Mapping
@@ -31,6 +32,10 @@ _CLIENT_AUTH = {"NoClientCert", "RequireAndVerifyClientCert"}
 _VERSIONS = {"TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
 #: A bcrypt hash (cost 10) of no password anyone sends, to check unknown users against.
 _UNKNOWN_USER_HASH = b"$2b$10$StxjP7PtYZuGvzW6R4l0zeRN/mQgEJp../i1idZjaVhpEc3S9pS.2"
+#: bcrypt reads this many bytes of a password at most.
+_BCRYPT_MAX_BYTES = 72
+#: The shape of a bcrypt hash: $2a$, $2b$ or $2y$, a two-digit cost, 53 characters of salt+hash.
+_BCRYPT_HASH = re.compile(r"\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}\Z")
 #: Verified credentials remembered at most; past that the cache starts over.
 _MAX_REMEMBERED = 256
 
@@ -67,24 +72,30 @@ class WebConfig:
         """True when no user is configured, or `header` is Basic with a known user's password."""
         if not self.users:
             return True
-        if header is None or not header.startswith("Basic "):
+        scheme, _, credentials = (header or "").partition(" ")
+        if scheme.lower() != "basic":
             return False
         try:
-            decoded = base64.b64decode(header[6:], validate=True).decode("utf-8")
+            decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError):
             return False
         user, sep, password = decoded.partition(":")
         hashed = self.users.get(user)
+        secret = password.encode()
+        if len(secret) > _BCRYPT_MAX_BYTES:
+            # bcrypt reads 72 bytes at most (and bcrypt 5 refuses more): no such password is set.
+            secret = secret[:_BCRYPT_MAX_BYTES]
+            hashed = None
         if not sep or hashed is None:
             # As slow as a known user's check, so that timing does not tell which users exist.
-            bcrypt.checkpw(password.encode(), _UNKNOWN_USER_HASH)
+            bcrypt.checkpw(secret, _UNKNOWN_USER_HASH)
             return False
         key = (user, hashlib.sha256(password.encode()).digest())
         with self._lock:
             known = self._verified.get(key)
         if known is not None:
             return known
-        ok = bcrypt.checkpw(password.encode(), hashed)
+        ok = bcrypt.checkpw(secret, hashed)
         with self._lock:
             if len(self._verified) >= _MAX_REMEMBERED:
                 self._verified.clear()
@@ -126,9 +137,9 @@ def load_web_config(path: str) -> WebConfig:
     hashes: dict[str, bytes] = {}
     for user, hashed in users.items():
         text = _text(hashed, f"basic_auth_users.{user}", path)
-        if not text.startswith(("$2a$", "$2b$", "$2y$")):
+        if not _BCRYPT_HASH.match(text):
             # Never echo the value: it may be a password written where a hash belongs.
-            raise ConfigError(f"basic_auth_users.{user}: expected a bcrypt hash ($2y$...)")
+            raise ConfigError(f"basic_auth_users.{user}: expected a bcrypt hash ($2y$10$...)")
         hashes[str(user)] = text.encode()
     config = WebConfig(users=hashes, **values)
     if config.tls:
