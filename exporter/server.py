@@ -218,16 +218,23 @@ class MetricsServer(ThreadingHTTPServer):
     def finish_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
         # The handshake runs here, in the connection's own thread: a slow client holds
         # up nobody else.
-        if self._tls is not None:
-            request.settimeout(HANDSHAKE_TIMEOUT)
-            try:
-                request = self._tls.wrap_socket(request, server_side=True)
-            except (ssl.SSLError, OSError) as error:
-                log.info(
-                    "TLS handshake failed", extra={"client": str(client_address), "err": str(error)}
-                )
-                return
-        super().finish_request(request, client_address)
+        if self._tls is None:
+            super().finish_request(request, client_address)
+            return
+        request.settimeout(HANDSHAKE_TIMEOUT)
+        try:
+            secured = self._tls.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as error:
+            log.info(
+                "TLS handshake failed", extra={"client": str(client_address), "err": str(error)}
+            )
+            return
+        try:
+            super().finish_request(secured, client_address)
+        finally:
+            # The wrapped socket now owns the connection: the server closes only the
+            # original, which wrapping emptied.
+            self.shutdown_request(secured)
 
     def handle_error(self, request: object, client_address: object) -> None:
         # A scraper that hangs up is routine; anything else is a bug worth its traceback.

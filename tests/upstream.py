@@ -2,8 +2,10 @@
 
 `FakeStatsApi` is a standard-library HTTP server on 127.0.0.1 whose answer each test
 sets: status, body, headers and a misbehaviour (slow, trickle, truncated, undeclared
-length). It counts the requests it receives. It must never listen beyond 127.0.0.1,
-and processes are only ever stopped by the PID they were started with.
+length). It counts the requests it receives and keeps their headers; optionally it
+serves over TLS, demands one Authorization value, or holds answers at a gate. It
+must never listen beyond 127.0.0.1, and processes are only ever stopped by the PID
+they were started with.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import http.client
 import os
 import socket
 import socketserver
+import ssl
 import subprocess
 import sys
 import threading
@@ -71,6 +74,17 @@ class Answer:
 class _Record:
     paths: list[str] = field(default_factory=list)
     handler_errors: list[str] = field(default_factory=list)
+    headers: list[tuple[tuple[str, str], ...]] = field(default_factory=list)
+    tls_failures: int = 0
+    held: int = 0
+
+
+#: What the fake API answers a request without the Authorization it demands.
+UNAUTHORIZED = Answer(
+    status=401,
+    body=b"Unauthorized\n",
+    headers=(("Content-Type", "text/plain"), ("WWW-Authenticate", 'Bearer realm="stats"')),
+)
 
 
 class FakeStatsApi:
@@ -78,13 +92,29 @@ class FakeStatsApi:
 
     Use as a context manager, or call `close()`: it stops answering, drops open
     connections and joins every handler thread.
+
+    - `tls`: a server-side SSLContext; the API is then served over HTTPS (`url` says so).
+      A client that gives up the handshake is counted in `tls_failures`, not `requests`.
+    - `authorization`: when set, a request whose Authorization header is not exactly
+      this value is answered 401 (it is still counted, and its headers kept).
     """
 
-    def __init__(self, answer: Answer | None = None) -> None:
+    def __init__(
+        self,
+        answer: Answer | None = None,
+        *,
+        tls: ssl.SSLContext | None = None,
+        authorization: str | None = None,
+    ) -> None:
         self._lock = threading.Lock()
         self._answer = answer or Answer()
         self._record = _Record()
         self._connections: set[socket.socket] = set()
+        self._tls = tls
+        self._authorization = authorization
+        # Open unless a test calls hold(); guarded by _lock.
+        self._gate = threading.Condition(self._lock)
+        self._gate_open = True
         self.stopping = threading.Event()
         self._server = _Server(self)
         self._thread = threading.Thread(
@@ -98,7 +128,8 @@ class FakeStatsApi:
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}{STATS_PATH}"
+        scheme = "https" if self._tls is not None else "http"
+        return f"{scheme}://{HOST}:{self.port}{STATS_PATH}"
 
     def answer(self, answer: Answer) -> None:
         """Answer every request from now on with `answer`."""
@@ -117,6 +148,48 @@ class FakeStatsApi:
             return list(self._record.paths)
 
     @property
+    def request_headers(self) -> list[tuple[tuple[str, str], ...]]:
+        """The headers of each request received so far, in order, as (name, value) pairs."""
+        with self._lock:
+            return list(self._record.headers)
+
+    def header_values(self, name: str) -> list[str | None]:
+        """The value of header `name` (any case) in each request so far; None where absent."""
+        wanted = name.lower()
+        return [
+            next((value for key, value in headers if key.lower() == wanted), None)
+            for headers in self.request_headers
+        ]
+
+    @property
+    def tls_failures(self) -> int:
+        """TLS handshakes that did not complete (the client refused the certificate, say)."""
+        with self._lock:
+            return self._record.tls_failures
+
+    def expect_authorization(self, authorization: str | None) -> None:
+        """From now on answer 401 unless Authorization is exactly this (None: accept any)."""
+        with self._lock:
+            self._authorization = authorization
+
+    def hold(self) -> None:
+        """Close the gate: requests from now on are counted, then wait for `release()`."""
+        with self._lock:
+            self._gate_open = False
+
+    def release(self) -> None:
+        """Open the gate: every waiting request gets its answer, and later ones at once."""
+        with self._gate:
+            self._gate_open = True
+            self._gate.notify_all()
+
+    @property
+    def held(self) -> int:
+        """Requests waiting at the closed gate now."""
+        with self._lock:
+            return self._record.held
+
+    @property
     def handler_errors(self) -> list[str]:
         """Unexpected exceptions in handlers (a client hanging up is expected, not listed)."""
         with self._lock:
@@ -124,6 +197,8 @@ class FakeStatsApi:
 
     def close(self) -> None:
         self.stopping.set()
+        # Requests held at the gate go free, and see `stopping`.
+        self.release()
         self._server.shutdown()
         self._thread.join()
         with self._lock:
@@ -140,10 +215,32 @@ class FakeStatsApi:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _received(self, path: str) -> Answer:
-        with self._lock:
+    def _received_request(self, path: str, headers: Sequence[tuple[str, str]]) -> Answer | None:
+        """Count and record one request, wait at the gate if held; what to answer it.
+
+        None when the request was held at the gate until `close()`: it gets no answer.
+        """
+        with self._gate:
             self._record.paths.append(path)
-            return self._answer
+            self._record.headers.append(tuple(headers))
+            answer = self._answer
+            if self._authorization is not None:
+                given = [value for key, value in headers if key.lower() == "authorization"]
+                if given != [self._authorization]:
+                    answer = UNAUTHORIZED
+            if not self._gate_open:
+                self._record.held += 1
+                try:
+                    self._gate.wait_for(lambda: self._gate_open)
+                finally:
+                    self._record.held -= 1
+                if self.stopping.is_set():
+                    return None
+            return answer
+
+    def _tls_failed(self) -> None:
+        with self._lock:
+            self._record.tls_failures += 1
 
     def _opened(self, connection: socket.socket) -> None:
         with self._lock:
@@ -173,9 +270,29 @@ class _Server(ThreadingHTTPServer):
         self.server_name = HOST
         self.server_port = self.server_address[1]
 
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        tls = self.api._tls
+        if tls is None:
+            super().finish_request(request, client_address)
+            return
+        # The handshake runs in the connection's own thread, so a stalled client blocks nobody.
+        request.settimeout(10)
+        try:
+            wrapped = tls.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            self.api._tls_failed()
+            return
+        try:
+            super().finish_request(wrapped, client_address)
+        finally:
+            # wrap_socket detached the plain socket, which socketserver closes: close this one.
+            with suppress(OSError):
+                wrapped.shutdown(socket.SHUT_WR)
+            wrapped.close()
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         error = sys.exc_info()[1]
-        if not isinstance(error, ConnectionError | TimeoutError):
+        if not isinstance(error, ConnectionError | TimeoutError | ssl.SSLError):
             self.api._failed(error)
 
 
@@ -198,7 +315,10 @@ class _Handler(BaseHTTPRequestHandler):
         super().finish()
 
     def do_GET(self) -> None:
-        answer = self.api._received(self.path)
+        answer = self.api._received_request(self.path, list(self.headers.items()))
+        if answer is None:
+            self.close_connection = True
+            return
         try:
             self._send(answer)
         except (ConnectionError, TimeoutError):
@@ -246,9 +366,18 @@ def http_get(
     path: str,
     headers: Mapping[str, str] | None = None,
     timeout: float = 15.0,
+    *,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[int, bytes]:
-    """One GET to 127.0.0.1:`port`; the status and the whole body. The connection is closed."""
-    connection = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    """One GET to 127.0.0.1:`port`; the status and the whole body. The connection is closed.
+
+    With `tls` (a client SSLContext) the GET goes over HTTPS.
+    """
+    connection: http.client.HTTPConnection = (
+        http.client.HTTPSConnection(HOST, port, timeout=timeout, context=tls)
+        if tls is not None
+        else http.client.HTTPConnection(HOST, port, timeout=timeout)
+    )
     try:
         connection.request("GET", path, headers=dict(headers or {}))
         with connection.getresponse() as response:
@@ -279,10 +408,19 @@ def exporter_command(*args: str) -> list[str]:
 class ExporterProcess:
     """One exporter process started by `start_exporter`; its output goes to files."""
 
-    def __init__(self, process: subprocess.Popen[bytes], port: int, stderr_path: Path) -> None:
+    def __init__(
+        self,
+        process: subprocess.Popen[bytes],
+        port: int,
+        stderr_path: Path,
+        *,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.process = process
         self.port = port
         self.stderr_path = stderr_path
+        #: The client SSLContext to reach an exporter serving HTTPS; None for plain HTTP.
+        self.tls = tls
 
     @property
     def pid(self) -> int:
@@ -290,6 +428,10 @@ class ExporterProcess:
 
     def stderr(self) -> str:
         return self.stderr_path.read_text(encoding="utf-8", errors="replace")
+
+    def stdout(self) -> str:
+        """What the process wrote to stdout (its file sits next to the stderr one)."""
+        return self.stderr_path.with_suffix(".stdout").read_text(encoding="utf-8", errors="replace")
 
     def stderr_mark(self) -> int:
         """Where stderr ends now: `stderr_since(mark)` is what was written after."""
@@ -303,7 +445,7 @@ class ExporterProcess:
     def get(
         self, path: str, headers: Mapping[str, str] | None = None, timeout: float = 15.0
     ) -> tuple[int, bytes]:
-        return http_get(self.port, path, headers, timeout)
+        return http_get(self.port, path, headers, timeout, tls=self.tls)
 
     def serves(self) -> bool:
         """True once /-/ready answers 200; fails at once if the process has exited."""
@@ -312,8 +454,8 @@ class ExporterProcess:
                 f"exporter exited with {self.process.returncode} before serving:\n{self.stderr()}"
             )
         try:
-            status, _ = http_get(self.port, "/-/ready", timeout=1.0)
-        except OSError:
+            status, _ = http_get(self.port, "/-/ready", timeout=1.0, tls=self.tls)
+        except (OSError, http.client.HTTPException):
             return False
         return status == 200
 
@@ -335,17 +477,22 @@ def start_exporter(
     *,
     command: Sequence[str] = (),
     ready_timeout: float = 20.0,
+    env: Mapping[str, str] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> ExporterProcess:
     """Start `python -m exporter [command] --web.listen-address 127.0.0.1:<free> args`.
 
-    Returns once /-/ready answers; stderr and stdout go to files in `log_dir`.
+    Returns once /-/ready answers; stderr and stdout go to files in `log_dir`. `env`
+    adds variables to the clean environment; `tls` is the client SSLContext to reach
+    an exporter that serves HTTPS.
     """
     port = free_port()
     argv = exporter_command(*command, "--web.listen-address", f"{HOST}:{port}", *args)
     stderr_path = log_dir / f"exporter-{port}.stderr"
+    environment = clean_environment() | dict(env or {})
     with stderr_path.open("wb") as stderr, (log_dir / f"exporter-{port}.stdout").open("wb") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=stderr, env=clean_environment())
-    exporter = ExporterProcess(process, port, stderr_path)
+        process = subprocess.Popen(argv, stdout=out, stderr=stderr, env=environment)
+    exporter = ExporterProcess(process, port, stderr_path, tls=tls)
     try:
         wait_until(exporter.serves, ready_timeout, f"the exporter on port {port} to be ready")
     except BaseException:
@@ -356,10 +503,15 @@ def start_exporter(
 
 @contextmanager
 def running_exporter(
-    args: Sequence[str], log_dir: Path, *, command: Sequence[str] = ()
+    args: Sequence[str],
+    log_dir: Path,
+    *,
+    command: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> Iterator[ExporterProcess]:
     """`start_exporter` as a context manager that stops the process by its PID on exit."""
-    exporter = start_exporter(args, log_dir, command=command)
+    exporter = start_exporter(args, log_dir, command=command, env=env, tls=tls)
     try:
         yield exporter
     finally:
