@@ -265,12 +265,14 @@ class JobStatsCollector(Collector):
             ("queue", "cron", "schedule"),
         )
         now = self.clock()
+        # Bound once: these run for every sample of every queue.
+        add_job, add_status = jobs.rows.append, status.rows.append
         for queue in stats.queues:
             name = queue.name
             for state, count in queue.states():
-                jobs.add((name, state), count)
+                add_job(((name, state), count))
             for candidate in STATUSES:
-                status.add((name, candidate), 1 if candidate == queue.status else 0)
+                add_status(((name, candidate), 1 if candidate == queue.status else 0))
             if queue.recurring is None:
                 continue
             recurring.add((name,), queue.recurring.count)
@@ -296,6 +298,13 @@ def render_text(families: list[Family]) -> str:
     name appears in about fifteen samples.
     """
     escaped: dict[str, str] = {}
+
+    def escape(raw: str) -> str:
+        text = escaped.get(raw)
+        if text is None:
+            text = escaped[raw] = raw.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+        return text
+
     lines: list[str] = []
     for family in families:
         name = family.name
@@ -307,22 +316,16 @@ def render_text(families: list[Family]) -> str:
         kind = "counter" if family.kind == "counter" else "gauge"
         lines.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
         keys = family.labels
-        # prometheus_client writes labels sorted by name.
-        order = sorted(range(len(keys)), key=keys.__getitem__)
+        if not keys:
+            lines.extend(f"{name} {_number(value)}\n" for _, value in family.rows)
+            continue
+        # One template per family, labels sorted by name as prometheus_client writes them:
+        # each sample then costs one format call.
+        count = len(keys)
+        pairs = ",".join(f'{keys[i]}="{{{i}}}"' for i in sorted(range(count), key=keys.__getitem__))
+        template = f"{name}{{{{{pairs}}}}} {{{count}}}\n"
         for values, value in family.rows:
-            if keys:
-                pairs = []
-                for index in order:
-                    key, raw = keys[index], values[index]
-                    text = escaped.get(raw)
-                    if text is None:
-                        text = escaped[raw] = (
-                            raw.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-                        )
-                    pairs.append(f'{key}="{text}"')
-                lines.append(f"{name}{{{','.join(pairs)}}} {_number(value)}\n")
-            else:
-                lines.append(f"{name} {_number(value)}\n")
+            lines.append(template.format(*map(escape, values), _number(value)))
     return "".join(lines)
 
 
