@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint unit system-deps generate dashboards clean
+.PHONY: demo test lint unit system-deps generate dashboards bench soak clean
 
 demo: $(VENV)/.runtime
 	$(BIN)/jobstats-exporter demo
@@ -17,6 +17,14 @@ lint: $(VENV)/.test
 
 unit: $(VENV)/.test
 	$(BIN)/pytest
+
+# Figures, not tests: writes benchmarks/RESULTS.md with the machine's description.
+bench: $(VENV)/.runtime
+	$(BIN)/python benchmarks/bench.py --results benchmarks/RESULTS.md
+
+# Thousands of scrapes while the upstream cycles through every fault; exit 1 on any violation.
+soak: $(VENV)/.runtime
+	$(BIN)/python benchmarks/soak.py --seconds 120
 
 # Regenerate what is built from other files: the dashboard JSON from
 # grafana/build_dashboards.py, then the Kubernetes manifests that copy the

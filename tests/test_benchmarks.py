@@ -1,0 +1,55 @@
+"""The benchmark and the soak run still work: short versions, run as the Makefile runs them.
+
+Only that they finish, exit 0 and print their report is asserted. Their timings are
+information for benchmarks/RESULTS.md and never a test's verdict.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+#: Seconds either run may take on a loaded machine before the test gives up on it.
+PATIENCE = 120
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=PATIENCE,
+        check=False,
+    )
+
+
+def test_quick_benchmark_reports_every_size_and_target(tmp_path: Path) -> None:
+    results = tmp_path / "RESULTS.md"
+
+    run = run_script("bench.py", "--quick", "--results", str(results))
+
+    assert run.returncode == 0, run.stderr
+    assert "| queues | answer KiB | exposition KiB | scrapes |" in run.stdout
+    for size in ("2", "100", "1,000", "10,000"):
+        assert f"\n| {size} | " in run.stdout
+    for scrapers in (1, 8, 32):
+        assert f"\n| {scrapers} | 64 | " in run.stdout
+    assert "| target | measured | result |" in run.stdout
+    assert "- CPU: " in run.stdout
+    assert results.read_text(encoding="utf-8").rstrip() == run.stdout.rstrip()
+
+
+def test_quick_soak_passes_through_every_phase_without_violation() -> None:
+    run = run_script("soak.py", "--quick", "--no-timing")
+
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "; 0 violations." in run.stdout
+    for phase in ("ok", "down", "slow", "http_500", "garbage", "huge", "redis_down"):
+        assert f"\n| {phase} | " in run.stdout
+    assert "| open fds |" in run.stdout
