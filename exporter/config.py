@@ -16,7 +16,6 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import httpx
-import yaml
 
 from .client import DEFAULT_MAX_BODY_BYTES
 from .errors import ConfigError
@@ -297,13 +296,15 @@ def load_config(flags: Mapping[str, str], environ: Mapping[str, str]) -> Config:
 
 def _read_file(path: str) -> tuple[dict[str, Any], Any]:
     """The file's settings flattened to their keys, and its `targets:` list (None if absent)."""
+    from . import yamlfile  # here, not at the top: only a config file needs PyYAML
+
     try:
-        document = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_StrictLoader)
+        document = yamlfile.load(Path(path).read_text(encoding="utf-8"))
     except OSError as error:
         raise ConfigError(f"config.file: cannot read {path}: {error.strerror}") from None
-    except _DuplicateKeyError as error:
+    except yamlfile.DuplicateKeyError as error:
         raise ConfigError(f"{error.key}: given twice in {path}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
+    except (yamlfile.YAMLError, UnicodeDecodeError) as error:
         where = getattr(error, "problem_mark", None)
         line = f" line {where.line + 1}" if where is not None else ""
         raise ConfigError(f"config.file: {path}{line} is not valid YAML") from None
@@ -326,31 +327,6 @@ def _read_file(path: str) -> tuple[dict[str, Any], Any]:
         if value is None or isinstance(value, dict | list | bool):
             raise ConfigError(f"{key} (from {path}): expected a single value, got {value!r}")
     return flat, raw_targets
-
-
-class _DuplicateKeyError(yaml.YAMLError):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a key given twice, which YAML would silently resolve."""
-
-
-def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    keys: set[Any] = set()
-    for key_node, _ in node.value:
-        key = loader.construct_object(key_node)
-        if key in keys:
-            raise _DuplicateKeyError(str(key))
-        keys.add(key)
-    return loader.construct_mapping(node)
-
-
-_StrictLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates
-)
 
 
 def _flatten(node: Any, prefix: str, into: dict[str, Any], path: str) -> None:

@@ -20,9 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import bcrypt
-import yaml
-
 from .errors import ConfigError
 
 __all__ = ["WebConfig", "load_web_config"]
@@ -86,6 +83,8 @@ class WebConfig:
             # bcrypt reads 72 bytes at most (and bcrypt 5 refuses more): no such password is set.
             secret = secret[:_BCRYPT_MAX_BYTES]
             hashed = None
+        import bcrypt  # here, not at the top: only basic auth needs it (0.5 MiB)
+
         if not sep or hashed is None:
             # As slow as a known user's check, so that timing does not tell which users exist.
             bcrypt.checkpw(secret, _UNKNOWN_USER_HASH)
@@ -105,11 +104,15 @@ class WebConfig:
 
 def load_web_config(path: str) -> WebConfig:
     """Read and check the web config file; ConfigError names the key."""
+    from . import yamlfile  # here, not at the top: only a web config file needs PyYAML
+
     try:
-        document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        document = yamlfile.load(Path(path).read_text(encoding="utf-8"))
     except OSError as error:
         raise ConfigError(f"web.config_file: cannot read {path}: {error.strerror}") from None
-    except (yaml.YAMLError, UnicodeDecodeError):
+    except yamlfile.DuplicateKeyError as error:
+        raise ConfigError(f"{error.key}: given twice in {path}") from None
+    except (yamlfile.YAMLError, UnicodeDecodeError):
         raise ConfigError(f"web.config_file: {path} is not valid YAML") from None
     document = document or {}
     _only(document, "", {"tls_server_config", "basic_auth_users"}, path)
