@@ -802,13 +802,16 @@ def https_get(
         connection.close()
 
 
+# RFC 7235: the scheme's name is case-insensitive.
+@pytest.mark.parametrize("scheme", ["Basic", "basic"])
 @pytest.mark.parametrize("path", ["/metrics", "/probe?target=shop"])
 def test_right_credentials_over_tls_get_the_metrics(
-    secured: SecuredExporter, web_api: FakeStatsApi, path: str
+    secured: SecuredExporter, web_api: FakeStatsApi, path: str, scheme: str
 ) -> None:
     requests = web_api.requests
+    credentials = basic(WEB_USER, WEB_PASSWORD).replace("Basic", scheme, 1)
 
-    status, _, body = https_get(secured, path, {"Authorization": basic(WEB_USER, WEB_PASSWORD)})
+    status, _, body = https_get(secured, path, {"Authorization": credentials})
 
     assert status == 200, body
     assert Exposition.parse(body).value("jobstats_up") == 1
