@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import socketserver
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, TypeVar, cast
 from urllib.parse import urlencode, urlsplit
@@ -29,7 +28,7 @@ from urllib.parse import urlencode, urlsplit
 import pytest
 import yaml
 
-from upstream import HOST, POLL_INTERVAL, free_port, http_get
+from upstream import HOST, POLL_INTERVAL, LoopbackServer, free_port, http_get
 
 __all__ = [
     "GROUP_INTERVAL",
@@ -408,20 +407,10 @@ class WebhookSink:
             self._errors.append(repr(error))
 
 
-class _SinkServer(ThreadingHTTPServer):
-    # Handler threads are joined on close, so no socket outlives the sink.
-    daemon_threads = False
-    block_on_close = True
-
+class _SinkServer(LoopbackServer):
     def __init__(self, sink: WebhookSink) -> None:
         self.sink = sink
-        super().__init__((HOST, 0), _SinkHandler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind asks DNS for the host's name; nothing here needs it.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name = HOST
-        self.server_port = self.server_address[1]
+        super().__init__(_SinkHandler)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         error = sys.exc_info()[1]

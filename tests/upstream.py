@@ -255,20 +255,27 @@ class FakeStatsApi:
             self._record.handler_errors.append(repr(error))
 
 
-class _Server(ThreadingHTTPServer):
+class LoopbackServer(ThreadingHTTPServer):
+    """A threading HTTP server on 127.0.0.1, port chosen by the system, for test fakes."""
+
     # Handler threads are joined on close, so no socket outlives the fixture.
     daemon_threads = False
     block_on_close = True
 
-    def __init__(self, api: FakeStatsApi) -> None:
-        self.api = api
-        super().__init__((HOST, 0), _Handler)
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__((HOST, 0), handler)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind asks DNS for the host's name; nothing here needs it.
         socketserver.TCPServer.server_bind(self)
         self.server_name = HOST
         self.server_port = self.server_address[1]
+
+
+class _Server(LoopbackServer):
+    def __init__(self, api: FakeStatsApi) -> None:
+        self.api = api
+        super().__init__(_Handler)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         tls = self.api._tls
