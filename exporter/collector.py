@@ -28,7 +28,14 @@ from .errors import FetchError, ParseError
 from .model import KNOWN_STATUSES, Limits, Stats, parse_stats
 from .schedule import CronSchedules
 
-__all__ = ["SCRAPE_ERROR_REASONS", "Family", "JobStatsCollector", "ScrapeErrors", "render_text"]
+__all__ = [
+    "SCRAPE_ERROR_REASONS",
+    "Family",
+    "JobStatsCollector",
+    "ScrapeErrors",
+    "render_chunks",
+    "render_text",
+]
 
 #: Every reason a scrape can fail for; each is exported from the start, at 0.
 SCRAPE_ERROR_REASONS = (
@@ -292,10 +299,22 @@ class JobStatsCollector(Collector):
 
 
 def render_text(families: list[Family]) -> str:
-    """The families in the Prometheus text format 0.0.4, as generate_latest writes them.
+    """The families in the Prometheus text format 0.0.4, as generate_latest writes them."""
+    return "".join(_rendered(families))
 
-    Label values are escaped once per distinct value, not once per sample: a queue's
-    name appears in about fifteen samples.
+
+def render_chunks(families: list[Family]) -> list[bytes]:
+    """The same text, encoded one family at a time.
+
+    Only one family's lines exist as strings at once: a large scrape's peak memory is
+    the encoded answer and one family, not every line, their join and its encoding.
+    """
+    return [chunk.encode() for chunk in _rendered(families)]
+
+
+def _rendered(families: list[Family]) -> Iterator[str]:
+    """Each family as text. Label values are escaped once per distinct value, not once
+    per sample: a queue's name appears in about fifteen samples.
     """
     escaped: dict[str, str] = {}
 
@@ -305,8 +324,8 @@ def render_text(families: list[Family]) -> str:
             text = escaped[raw] = raw.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
         return text
 
-    lines: list[str] = []
     for family in families:
+        lines: list[str] = []
         name = family.name
         if family.kind == "counter":
             name += "_total"
@@ -318,6 +337,7 @@ def render_text(families: list[Family]) -> str:
         keys = family.labels
         if not keys:
             lines.extend(f"{name} {_number(value)}\n" for _, value in family.rows)
+            yield "".join(lines)
             continue
         # One template per family, labels sorted by name as prometheus_client writes them:
         # each sample then costs one format call.
@@ -326,7 +346,7 @@ def render_text(families: list[Family]) -> str:
         template = f"{name}{{{{{pairs}}}}} {{{count}}}\n"
         for values, value in family.rows:
             lines.append(template.format(*map(escape, values), _number(value)))
-    return "".join(lines)
+        yield "".join(lines)
 
 
 def _number(value: float) -> str:

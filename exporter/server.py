@@ -29,7 +29,7 @@ from prometheus_client.exposition import choose_encoder, generate_latest
 
 from . import __version__
 from .client import EventLoop, StatsClient, redact_url
-from .collector import JobStatsCollector, ScrapeErrors, render_text
+from .collector import JobStatsCollector, ScrapeErrors, render_chunks
 from .config import Config, parse_listen_address
 from .schedule import CronSchedules
 from .webconfig import WebConfig
@@ -156,19 +156,24 @@ class Exporter:
 
     def metrics(
         self, accept: str | None, timeout_header: str | None, target: str | None = None
-    ) -> tuple[bytes, str]:
-        """The exposition body and its content type, for one scrape; UnknownTargetError if none."""
+    ) -> tuple[list[bytes], str]:
+        """The exposition, in chunks, and its content type, for one scrape.
+
+        UnknownTargetError when `target` is not configured.
+        """
         state = self._targets.get(target or self.default_target)
         if state is None:
             raise UnknownTargetError(target)
         timeout = scrape_timeout(state.client.target.timeout, timeout_header)
         if wants_openmetrics(accept):
             encoder, content_type = choose_encoder(accept or "")
-            return encoder(self.registry(timeout, target)), content_type
+            return [encoder(self.registry(timeout, target))], content_type
         # The text format, written directly: what generate_latest writes, without its cost.
         families = self._collector(state, timeout).families()
-        body = render_text(families).encode() + generate_latest(self._process_registry)
-        return body, TEXT_FORMAT
+        chunks = render_chunks(families)
+        del families  # the rendered text is all that is needed now
+        chunks.append(generate_latest(self._process_registry))
+        return chunks, TEXT_FORMAT
 
     def landing_page(self) -> bytes:
         rows = "\n".join(
@@ -313,15 +318,21 @@ class _Handler(BaseHTTPRequestHandler):
         self._answer(200, body, content_type)
 
     def _answer(
-        self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None
+        self,
+        status: int,
+        body: bytes | list[bytes],
+        content_type: str,
+        headers: dict[str, str] | None = None,
     ) -> None:
+        chunks = [body] if isinstance(body, bytes) else body
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(sum(map(len, chunks))))
         for name, value in (headers or {}).items():
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
+        for chunk in chunks:
+            self.wfile.write(chunk)
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         # The standard library logs every request to stderr; scrapes are not news.

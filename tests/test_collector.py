@@ -25,6 +25,7 @@ from exporter.collector import (
     SCRAPE_ERROR_REASONS,
     JobStatsCollector,
     ScrapeErrors,
+    render_chunks,
     render_text,
 )
 from exporter.schedule import CronSchedules
@@ -344,7 +345,9 @@ def test_fast_text_rendering_is_what_prometheus_client_writes(
     families = collector.families()
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StaticCollector([family.metric() for family in families]))
-    assert render_text(families) == generate_latest(registry).decode()
+    expected = generate_latest(registry)
+    assert render_text(families) == expected.decode()
+    assert b"".join(render_chunks(families)) == expected
 
 
 class StaticCollector:
