@@ -28,7 +28,7 @@ from urllib.parse import urlencode, urlsplit
 import pytest
 import yaml
 
-from upstream import HOST, POLL_INTERVAL, LoopbackServer, free_port, http_get
+from upstream import HOST, POLL_INTERVAL, LoopbackServer, free_port, http_get, stop_process
 
 __all__ = [
     "GROUP_INTERVAL",
@@ -474,14 +474,7 @@ class ServiceProcess:
 
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM by PID, wait up to `timeout` s (then SIGKILL); the exit status."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
-        return self.process.returncode
+        return stop_process(self.process, timeout)
 
 
 @contextmanager

@@ -412,6 +412,18 @@ def exporter_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "exporter", *args]
 
 
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 10.0) -> int:
+    """SIGTERM `process` by its PID, wait up to `timeout` s (then SIGKILL); its exit status."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+    return process.returncode
+
+
 class ExporterProcess:
     """One exporter process started by `start_exporter`; its output goes to files."""
 
@@ -468,14 +480,7 @@ class ExporterProcess:
 
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM by PID, wait up to `timeout` s (then SIGKILL); the exit status."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
-        return self.process.returncode
+        return stop_process(self.process, timeout)
 
 
 def start_exporter(
