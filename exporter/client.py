@@ -111,10 +111,6 @@ class StatsClient:
     def url(self) -> str:
         return self.target.url
 
-    @property
-    def max_body_bytes(self) -> int:
-        return self.target.max_body_size
-
     async def _make_client(self, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
         # Built on the loop thread, where it will be used.
         return httpx.AsyncClient(

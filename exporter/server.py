@@ -125,25 +125,21 @@ class Exporter:
         self._process_registry = CollectorRegistry(auto_describe=False)
         self._process_registry.register(self._process)
 
-    @property
-    def client(self) -> StatsClient:
-        """The default target's client (what /metrics reads)."""
-        return self._targets[self.default_target].client
-
     def client_for(self, target: str | None) -> StatsClient:
         """The client of `target` (default: the first); UnknownTargetError if none."""
+        return self._state(target).client
+
+    def _state(self, target: str | None) -> _TargetState:
         state = self._targets.get(target or self.default_target)
         if state is None:
             raise UnknownTargetError(target)
-        return state.client
+        return state
 
     def registry(
         self, timeout: float | None = None, target: str | None = None
     ) -> CollectorRegistry:
         """A registry for one scrape of `target` (default: the first): stats plus process_*."""
-        state = self._targets.get(target or self.default_target)
-        if state is None:
-            raise UnknownTargetError(target)
+        state = self._state(target)
         registry = CollectorRegistry(auto_describe=False)
         registry.register(self._collector(state, timeout or state.client.target.timeout))
         registry.register(self._process)
@@ -161,9 +157,7 @@ class Exporter:
 
         UnknownTargetError when `target` is not configured.
         """
-        state = self._targets.get(target or self.default_target)
-        if state is None:
-            raise UnknownTargetError(target)
+        state = self._state(target)
         timeout = scrape_timeout(state.client.target.timeout, timeout_header)
         if wants_openmetrics(accept):
             encoder, content_type = choose_encoder(accept or "")
