@@ -197,7 +197,7 @@ def _check(config: Config, name: str | None) -> int:
             f"{PROG} check: no target {name!r}; the targets are {', '.join(names)}", file=sys.stderr
         )
         return 2
-    exporter = Exporter(config)
+    exporter = Exporter(config, tail=False)
     try:
         client = exporter.client_for(name)
         target = client.target

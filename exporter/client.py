@@ -12,6 +12,7 @@ logged here, and no credential is ever part of a message.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import ssl
 import threading
@@ -68,6 +69,10 @@ class EventLoop:
     def run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
         """Run `coroutine` on the loop; block this thread until it is done."""
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def submit(self, coroutine: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
+        """Start `coroutine` on the loop; its future is this thread's to wait on."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
 
     def close(self) -> None:
         if self.loop.is_closed():

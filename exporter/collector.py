@@ -15,16 +15,16 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from concurrent.futures import Future
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
 
 from . import __version__
 from .client import StatsClient
 from .errors import FetchError, ParseError
+from .events import BUCKETS, RedisView
+from .exposition import Family, Histogram, render_chunks, render_text, single
 from .model import KNOWN_STATUSES, Limits, Stats, parse_stats
 from .schedule import CronSchedules
 
@@ -72,36 +72,6 @@ class ScrapeErrors:
             return dict(self._counts)
 
 
-@dataclass(slots=True)
-class Family:
-    """One metric family of a scrape: what prometheus_client would hold, kept lean."""
-
-    name: str  # as prometheus_client names it: no `_total` on a counter, no `_info` on info
-    help: str
-    kind: str  # gauge, counter or info
-    labels: tuple[str, ...] = ()
-    rows: list[tuple[tuple[str, ...], float]] = field(default_factory=list)
-
-    def add(self, values: tuple[str, ...], value: float) -> None:
-        self.rows.append((values, value))
-
-    def metric(self) -> Metric:
-        """The same family as a prometheus_client Metric, for its encoders."""
-        if self.kind == "info":
-            ((values, _),) = self.rows
-            return InfoMetricFamily(
-                self.name, self.help, value=dict(zip(self.labels, values, strict=True))
-            )
-        family: Metric
-        if self.kind == "counter":
-            family = CounterMetricFamily(self.name, self.help, labels=self.labels)
-        else:
-            family = GaugeMetricFamily(self.name, self.help, labels=self.labels)
-        for values, value in self.rows:
-            family.add_metric(list(values), value)
-        return family
-
-
 class JobStatsCollector(Collector):
     """Collects one scrape: fetch with `timeout`, parse, build the families."""
 
@@ -114,8 +84,11 @@ class JobStatsCollector(Collector):
         limits: Limits = Limits(),  # noqa: B008 - frozen, so one shared default is safe
         clock: Callable[[], float] = time.time,
         timer: Callable[[], float] = time.perf_counter,
+        redis_view: Callable[[float], Future[RedisView]] | None = None,
     ) -> None:
         self.client = client
+        #: Starts this scrape's read of the target's Redis source; None without one.
+        self.redis_view = redis_view
         self.timeout = timeout
         self.schedules = schedules
         self.errors = errors
@@ -127,10 +100,12 @@ class JobStatsCollector(Collector):
         for family in self.families():
             yield family.metric()
 
-    def families(self) -> list[Family]:
+    def families(self) -> list[Family | Histogram]:
         """Scrape the upstream once and build every family of this scrape, in order."""
         started = self.timer()
         age = 0.0
+        # Started first, so the Redis reads run while the API answers.
+        view = self.redis_view(self.timeout) if self.redis_view is not None else None
         try:
             fetched = self.client.fetch(self.timeout)
             age = fetched.age
@@ -141,13 +116,13 @@ class JobStatsCollector(Collector):
             stats = None
         duration = self.timer() - started
 
-        families = [
-            _single(
+        families: list[Family | Histogram] = [
+            single(
                 "jobstats_up",
                 "1 when this scrape's fetch and parse of the stats API succeeded, else 0.",
                 0 if stats is None else 1,
             ),
-            _single(
+            single(
                 "jobstats_scrape_duration_seconds",
                 "Time spent on the upstream call and parse, this scrape.",
                 duration,
@@ -164,7 +139,7 @@ class JobStatsCollector(Collector):
         families.append(errors)
         if stats is not None:
             families.append(
-                _single(
+                single(
                     "jobstats_result_age_seconds",
                     "Age of the upstream answer this scrape shows: 0 unless min_interval reuses"
                     " one.",
@@ -172,6 +147,9 @@ class JobStatsCollector(Collector):
                 )
             )
             families.extend(self._stats_families(stats))
+        if view is not None:
+            # The view keeps to the same deadline; the margin only guards against a bug.
+            families.extend(redis_families(view.result(self.timeout + 5)))
         families.append(
             Family(
                 "jobstats_exporter_build",
@@ -204,7 +182,7 @@ class JobStatsCollector(Collector):
         dropped.add(("max_queue_name_length",), stats.dropped_long_names)
         families = [
             dropped,
-            _single(
+            single(
                 "jobstats_dropped_states",
                 "Extra states left out this scrape by max_extra_states or the name length limit.",
                 stats.dropped_states,
@@ -212,20 +190,20 @@ class JobStatsCollector(Collector):
         ]
         if stats.redis_available is not None:
             families.append(
-                _single(
+                single(
                     "jobstats_redis_available",
                     "1 when the backend reaches Redis (redisAvailable), else 0.",
                     int(stats.redis_available),
                 )
             )
         families += [
-            _single(
+            single(
                 "jobstats_redis_enabled",
                 "1 when stats.redisStatus is 'enabled', else 0.",
                 int(stats.redis_enabled),
             ),
-            _single("jobstats_queues", "Number of queues exported this scrape.", len(stats.queues)),
-            _single(
+            single("jobstats_queues", "Number of queues exported this scrape.", len(stats.queues)),
+            single(
                 "jobstats_invalid_queues",
                 "Queues skipped this scrape because their entry was malformed.",
                 len(stats.invalid),
@@ -298,63 +276,90 @@ class JobStatsCollector(Collector):
         return [*families, jobs, status, recurring, next_run, cron_next, cron_interval, info]
 
 
-def render_text(families: list[Family]) -> str:
-    """The families in the Prometheus text format 0.0.4, as generate_latest writes them."""
-    return "".join(_rendered(families))
-
-
-def render_chunks(families: list[Family]) -> list[bytes]:
-    """The same text, encoded one family at a time.
-
-    Only one family's lines exist as strings at once: a large scrape's peak memory is
-    the encoded answer and one family, not every line, their join and its encoding.
-    """
-    return [chunk.encode() for chunk in _rendered(families)]
-
-
-def _rendered(families: list[Family]) -> Iterator[str]:
-    """Each family as text. Label values are escaped once per distinct value, not once
-    per sample: a queue's name appears in about fifteen samples.
-    """
-    escaped: dict[str, str] = {}
-
-    def escape(raw: str) -> str:
-        text = escaped.get(raw)
-        if text is None:
-            text = escaped[raw] = raw.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-        return text
-
-    for family in families:
-        lines: list[str] = []
-        name = family.name
-        if family.kind == "counter":
-            name += "_total"
-        elif family.kind == "info":
-            name += "_info"
-        help_text = family.help.replace("\\", r"\\").replace("\n", r"\n")
-        kind = "counter" if family.kind == "counter" else "gauge"
-        lines.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
-        keys = family.labels
-        if not keys:
-            lines.extend(f"{name} {_number(value)}\n" for _, value in family.rows)
-            yield "".join(lines)
-            continue
-        # One template per family, labels sorted by name as prometheus_client writes them:
-        # each sample then costs one format call.
-        count = len(keys)
-        pairs = ",".join(f'{keys[i]}="{{{i}}}"' for i in sorted(range(count), key=keys.__getitem__))
-        template = f"{name}{{{{{pairs}}}}} {{{count}}}\n"
-        for values, value in family.rows:
-            lines.append(template.format(*map(escape, values), _number(value)))
-        yield "".join(lines)
-
-
-def _number(value: float) -> str:
-    # floatToGoString's result for a small whole number, without its float round trip.
-    if type(value) is int and -1_000_000 < value < 1_000_000:
-        return f"{value}.0"
-    return str(floatToGoString(value))  # type: ignore[no-untyped-call]
-
-
-def _single(name: str, help_text: str, value: float) -> Family:
-    return Family(name, help_text, "gauge", (), [((), value)])
+def redis_families(view: RedisView) -> list[Family | Histogram]:
+    """The families of a Redis source: exact counters and timings from the event streams."""
+    families: list[Family | Histogram] = [
+        single(
+            "jobstats_redis_up",
+            "1 when the exporter's own connection to the BullMQ Redis worked on its last"
+            " attempt, else 0.",
+            int(view.up),
+        )
+    ]
+    completed = Family(
+        "jobstats_queue_jobs_completed",
+        "Jobs completed (BullMQ completed events) since the exporter started.",
+        "counter",
+        ("queue",),
+    )
+    failed = Family(
+        "jobstats_queue_jobs_failed",
+        "Jobs failed for good (BullMQ failed events) since the exporter started.",
+        "counter",
+        ("queue",),
+    )
+    retries = Family(
+        "jobstats_queue_job_retries",
+        "Jobs moved back from active to wait or delayed: failed attempts to be retried,"
+        " stalled jobs recovered.",
+        "counter",
+        ("queue",),
+    )
+    missed = Family(
+        "jobstats_queue_events_missed",
+        "Event stream entries trimmed before the exporter read them.",
+        "counter",
+        ("queue",),
+    )
+    wait = Histogram(
+        "jobstats_queue_job_wait_seconds",
+        "Time from a job becoming ready (waiting) to active.",
+        BUCKETS,
+        ("queue",),
+    )
+    run = Histogram(
+        "jobstats_queue_job_run_seconds",
+        "Time from active to the end of that attempt; outcome failed includes retried attempts.",
+        BUCKETS,
+        ("queue", "outcome"),
+    )
+    for queue, counts in sorted(view.counts.items()):
+        completed.add((queue,), counts.completed)
+        failed.add((queue,), counts.failed)
+        retries.add((queue,), counts.retries)
+        missed.add((queue,), counts.missed)
+        wait.add((queue,), counts.wait.cumulative(), counts.wait.total)
+        run.add((queue, "completed"), counts.run_completed.cumulative(), counts.run_completed.total)
+        run.add((queue, "failed"), counts.run_failed.cumulative(), counts.run_failed.total)
+    families += [completed, failed, retries, missed, wait, run]
+    if view.oldest_waiting is not None:
+        oldest = Family(
+            "jobstats_queue_oldest_waiting_job_age_seconds",
+            "Age of the job that has waited longest (wait list and prioritized); 0 when none"
+            " waits.",
+            "gauge",
+            ("queue",),
+        )
+        for queue, age in sorted(view.oldest_waiting.items()):
+            oldest.add((queue,), age)
+        families.append(oldest)
+    if view.workers is not None:
+        workers = Family(
+            "jobstats_queue_workers",
+            "BullMQ workers connected for the queue (named connections in CLIENT LIST).",
+            "gauge",
+            ("queue",),
+        )
+        for queue, count in sorted(view.workers.items()):
+            workers.add((queue,), count)
+        families.append(workers)
+    families.append(
+        Family(
+            "jobstats_job_timings_dropped",
+            "Jobs left untimed because the exporter's map of pending jobs was full.",
+            "counter",
+            (),
+            [((), view.timings_dropped)],
+        )
+    )
+    return families

@@ -20,7 +20,14 @@ import httpx
 from .client import DEFAULT_MAX_BODY_BYTES
 from .errors import ConfigError
 from .model import Limits
-from .targets import Secret, Target, parse_targets
+from .targets import (
+    DEFAULT_REDIS_PREFIX,
+    RedisSource,
+    Secret,
+    Target,
+    parse_redis_url,
+    parse_targets,
+)
 
 __all__ = ["DEFAULT_PORT", "SETTINGS", "Config", "Setting", "load_config", "parse_listen_address"]
 
@@ -37,6 +44,9 @@ class Config:
     api_max_body_size: int = DEFAULT_MAX_BODY_BYTES
     api_min_interval: float = 0.0
     api_bearer_token_file: str | None = None
+    redis_url: str | None = None
+    redis_prefix: str = DEFAULT_REDIS_PREFIX
+    redis_password_file: str | None = None
     web_listen_address: str = f":{DEFAULT_PORT}"
     web_config_file: str | None = None
     cron_timezone: str = "UTC"
@@ -53,6 +63,14 @@ class Config:
         if self.configured_targets:
             return self.configured_targets
         bearer = self.api_bearer_token_file
+        redis = None
+        if self.redis_url:
+            password = self.redis_password_file
+            redis = RedisSource(
+                url=self.redis_url,
+                prefix=self.redis_prefix,
+                password=Secret(f"file {password}", file=password) if password else None,
+            )
         return (
             Target(
                 name="default",
@@ -61,6 +79,7 @@ class Config:
                 max_body_size=self.api_max_body_size,
                 min_interval=self.api_min_interval,
                 bearer_token=Secret(f"file {bearer}", file=bearer) if bearer else None,
+                redis=redis,
             ),
         )
 
@@ -105,6 +124,12 @@ def _count(value: str) -> int:
     if not value.strip().isdigit() or int(value) < 1:
         raise ValueError(f"expected a whole number of at least 1, got {value!r}")
     return int(value)
+
+
+def _redis_prefix(value: str) -> str:
+    if not value or len(value) > 128 or any(c in value for c in " \t*?[]\\"):
+        raise ValueError(f"expected a BullMQ key prefix such as bull, got {value!r}")
+    return value
 
 
 def _readable_file(value: str) -> str:
@@ -207,6 +232,19 @@ SETTINGS = (
         "file holding the bearer token sent to the API",
     ),
     Setting(
+        "redis.url",
+        "redis_url",
+        parse_redis_url,
+        "the backend's BullMQ Redis, read for exact job counters (redis:// or rediss://)",
+    ),
+    Setting("redis.prefix", "redis_prefix", _redis_prefix, "BullMQ's key prefix (default bull)"),
+    Setting(
+        "redis.password_file",
+        "redis_password_file",
+        _readable_file,
+        "file holding the Redis password",
+    ),
+    Setting(
         "web.listen_address", "web_listen_address", _listen_address, "address to serve /metrics on"
     ),
     Setting(
@@ -269,7 +307,13 @@ def load_config(flags: Mapping[str, str], environ: Mapping[str, str]) -> Config:
     }
     values["limits"] = Limits(**limits)
     if raw_targets is not None:
-        for key in ("api.url", "api.bearer_token_file"):
+        for key in (
+            "api.url",
+            "api.bearer_token_file",
+            "redis.url",
+            "redis.prefix",
+            "redis.password_file",
+        ):
             if key in sources:
                 raise ConfigError(
                     f"{key} (from {sources[key]}): the config file lists targets; set it there"

@@ -10,6 +10,7 @@ come from the web config file.
 
 from __future__ import annotations
 
+import concurrent.futures
 import html
 import logging
 import math
@@ -20,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import cast
+from typing import TYPE_CHECKING, cast
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -32,7 +33,11 @@ from .client import EventLoop, StatsClient, redact_url
 from .collector import JobStatsCollector, ScrapeErrors, render_chunks
 from .config import Config, parse_listen_address
 from .schedule import CronSchedules
+from .targets import Target
 from .webconfig import WebConfig
+
+if TYPE_CHECKING:
+    from .events import Tailer
 
 __all__ = [
     "SCRAPE_TIMEOUT_MARGIN",
@@ -101,6 +106,9 @@ def scrape_timeout(configured: float, header: str | None) -> float:
 class _TargetState:
     client: StatsClient
     errors: ScrapeErrors
+    #: The tailer of the target's BullMQ Redis, and its task; None without one.
+    tailer: Tailer | None = None
+    task: concurrent.futures.Future[None] | None = None
 
 
 class Exporter:
@@ -111,19 +119,36 @@ class Exporter:
         config: Config,
         transport: httpx.AsyncBaseTransport | None = None,
         clock: Callable[[], float] = time.time,
+        tail: bool = True,
     ) -> None:
         self.config = config
         self.schedules = CronSchedules(config.cron_timezone)
         self.clock = clock
         self._loop = EventLoop()
         self._targets = {
-            target.name: _TargetState(StatsClient(target, transport, self._loop), ScrapeErrors())
-            for target in config.targets
+            target.name: self._target_state(target, transport, tail) for target in config.targets
         }
         self.default_target = config.targets[0].name
         self._process = ProcessCollector(registry=None)
         self._process_registry = CollectorRegistry(auto_describe=False)
         self._process_registry.register(self._process)
+
+    def _target_state(
+        self, target: Target, transport: httpx.AsyncBaseTransport | None, tail: bool
+    ) -> _TargetState:
+        client = StatsClient(target, transport, self._loop)
+        if target.redis is None or not tail:
+            return _TargetState(client, ScrapeErrors())
+        from .events import Tailer  # only a Redis source loads redis-py
+
+        limits = self.config.limits
+        tailer = Tailer(
+            target.redis,
+            limits.max_queues,
+            limits.max_queue_name_length,
+            target.redis.discovery_interval,
+        )
+        return _TargetState(client, ScrapeErrors(), tailer, self._loop.submit(tailer.run()))
 
     def client_for(self, target: str | None) -> StatsClient:
         """The client of `target` (default: the first); UnknownTargetError if none."""
@@ -146,8 +171,17 @@ class Exporter:
         return registry
 
     def _collector(self, state: _TargetState, timeout: float) -> JobStatsCollector:
+        tailer = state.tailer
         return JobStatsCollector(
-            state.client, timeout, self.schedules, state.errors, self.config.limits, self.clock
+            state.client,
+            timeout,
+            self.schedules,
+            state.errors,
+            self.config.limits,
+            self.clock,
+            redis_view=(lambda deadline: self._loop.submit(tailer.view(deadline)))
+            if tailer is not None
+            else None,
         )
 
     def metrics(
@@ -196,6 +230,9 @@ Reads a job stats API once per scrape.</p>
 
     def close(self) -> None:
         for state in self._targets.values():
+            if state.task is not None and state.tailer is not None:
+                state.task.cancel()
+                self._loop.run(state.tailer.close())
             state.client.close()
         self._loop.close()
 

@@ -16,16 +16,29 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import ConfigError
 
-__all__ = ["TLS", "Secret", "Target", "parse_targets"]
+__all__ = [
+    "DEFAULT_REDIS_PREFIX",
+    "TLS",
+    "RedisSource",
+    "Secret",
+    "Target",
+    "parse_redis_url",
+    "parse_targets",
+]
 
 #: A target name: what /probe?target= takes, never a URL.
 TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
 #: Headers the exporter sets itself, or that auth settings own.
 _RESERVED_HEADERS = {"authorization", "host", "content-length", "connection", "user-agent"}
+#: BullMQ's own default key prefix.
+DEFAULT_REDIS_PREFIX = "bull"
+#: Seconds between scans of a Redis source for queues created or removed.
+DEFAULT_DISCOVERY_INTERVAL = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +87,55 @@ class TLS:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisSource:
+    """A backend's BullMQ Redis: where, under which key prefix, and how to get in.
+
+    The password is a Secret (a file or a variable), read at each connection so it can
+    rotate; the URL never holds one.
+    """
+
+    url: str
+    prefix: str = DEFAULT_REDIS_PREFIX
+    username: str | None = None
+    password: Secret | None = None
+    tls: TLS = field(default_factory=TLS)
+    #: BullMQ queue name to the `queue` label the stats API uses for it.
+    queue_names: tuple[tuple[str, str], ...] = ()
+    #: Seconds between scans for queues created or removed.
+    discovery_interval: float = DEFAULT_DISCOVERY_INTERVAL
+
+    def label(self, queue: str) -> str:
+        """The `queue` label of the BullMQ queue `queue`."""
+        for name, label in self.queue_names:
+            if name == queue:
+                return label
+        return queue
+
+
+def parse_redis_url(value: str) -> str:
+    """A redis:// or rediss:// URL with a host and no password; ValueError otherwise."""
+    problem = f"expected a redis:// or rediss:// URL with a host, got {value!r}"
+    parts = urlsplit(value)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"expected a port from 1 to 65535 in {value!r}") from None
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError(problem)
+    if parts.password is not None:
+        # A password in the URL would sit in the config, the command line or the log.
+        raise ValueError("the URL holds a password: give it in password_file or password_env")
+    if port is not None and not 0 < port <= 65535:
+        raise ValueError(f"expected a port from 1 to 65535 in {value!r}")
+    database = parts.path.strip("/")
+    if database and not database.isdigit():
+        raise ValueError(f"expected a database number after the host, got {value!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"expected no query or fragment in {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
 class Target:
     """One stats API: where, how long to wait, how much to read, and how to get in."""
 
@@ -88,6 +150,8 @@ class Target:
     basic_password: Secret | None = None
     headers: tuple[tuple[str, str | Secret], ...] = ()
     tls: TLS = field(default_factory=TLS)
+    #: The backend's BullMQ Redis, read beside the API; None when not configured.
+    redis: RedisSource | None = None
 
     def request_headers(self) -> dict[str, str]:
         """The headers of one request, secrets read now. OSError when a secret file is gone."""
@@ -145,7 +209,20 @@ _TARGET_KEYS = {
     "basic_auth",
     "headers",
     "tls",
+    "redis",
 }
+_REDIS_KEYS = {
+    "url",
+    "prefix",
+    "username",
+    "password_file",
+    "password_env",
+    "tls",
+    "queue_names",
+    "discovery_interval",
+}
+#: What BullMQ accepts as a prefix and what we can put in a SCAN pattern unescaped.
+_REDIS_PREFIX = re.compile(r"[^\s*?\[\]\\]{1,128}\Z")
 
 
 def _target(
@@ -195,7 +272,57 @@ def _target(
         basic_password=password,
         headers=_headers(fields.get("headers", {}), f"{where}.headers", path, environ),
         tls=_tls(fields.get("tls", {}), f"{where}.tls", path),
+        redis=_redis(fields["redis"], f"{where}.redis", path, environ, checks)
+        if "redis" in fields
+        else None,
         **values,
+    )
+
+
+def _redis(
+    raw: Any, where: str, path: str, environ: Mapping[str, str], checks: Mapping[str, Check]
+) -> RedisSource:
+    fields = _mapping(raw, where, path, _REDIS_KEYS)
+    url = _text(fields.get("url"), f"{where}.url", path)
+    try:
+        parse_redis_url(url)
+    except ValueError as error:
+        raise ConfigError(f"{where}.url (from {path}): {error}") from None
+    prefix = _text(fields.get("prefix", DEFAULT_REDIS_PREFIX), f"{where}.prefix", path)
+    if not _REDIS_PREFIX.match(prefix):
+        raise ConfigError(
+            f"{where}.prefix: expected a BullMQ key prefix such as bull, got {prefix!r}"
+        )
+    username = (
+        _text(fields["username"], f"{where}.username", path) if "username" in fields else None
+    )
+    names = fields.get("queue_names", {})
+    if not isinstance(names, dict):
+        raise ConfigError(f"{where}.queue_names: expected a mapping of BullMQ names to labels")
+    queue_names = []
+    for name, label in names.items():
+        key = f"{where}.queue_names.{_shown(name)}"
+        text = _text(label, key, path)
+        if not isinstance(name, str) or not name or ":" in name:
+            raise ConfigError(f"{key}: expected a BullMQ queue name (no ':')")
+        if not text:
+            raise ConfigError(f"{key}: expected a non-empty queue label")
+        queue_names.append((name, text))
+    interval = DEFAULT_DISCOVERY_INTERVAL
+    if "discovery_interval" in fields:
+        key = f"{where}.discovery_interval"
+        try:
+            interval = checks["timeout"](_text(fields["discovery_interval"], key, path))
+        except ValueError as error:
+            raise ConfigError(f"{key} (from {path}): {error}") from None
+    return RedisSource(
+        discovery_interval=interval,
+        url=url,
+        prefix=prefix,
+        username=username,
+        password=_secret(fields, "password", where, path, environ),
+        tls=_tls(fields.get("tls", {}), f"{where}.tls", path),
+        queue_names=tuple(queue_names),
     )
 
 

@@ -17,3 +17,10 @@ def sample(name: str) -> dict[str, Any]:
 
 def sample_bytes(name: str) -> bytes:
     return (SAMPLES / f"{name}.json").read_bytes()
+
+
+def bullmq_capture() -> dict[str, Any]:
+    """The captured BullMQ 6.7 Redis: keys, event streams and worker connection names."""
+    path = SAMPLES.parent / "bullmq-redis-capture.json"
+    document: dict[str, Any] = json.loads(path.read_text())
+    return document

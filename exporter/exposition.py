@@ -1,0 +1,169 @@
+"""Metric families of one scrape, and the Prometheus text format written directly.
+
+A `Family` holds what prometheus_client would hold, kept lean; `render_text()`
+writes byte for byte what prometheus_client's `generate_latest` writes, without
+its per-sample cost. Nothing here reads the upstream, Redis or the clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.utils import floatToGoString
+
+__all__ = ["Family", "Histogram", "render_chunks", "render_text", "single"]
+
+
+@dataclass(slots=True)
+class Family:
+    """One metric family of a scrape: gauge, counter or info samples."""
+
+    name: str  # as prometheus_client names it: no `_total` on a counter, no `_info` on info
+    help: str
+    kind: str  # gauge, counter or info
+    labels: tuple[str, ...] = ()
+    rows: list[tuple[tuple[str, ...], float]] = field(default_factory=list)
+
+    def add(self, values: tuple[str, ...], value: float) -> None:
+        self.rows.append((values, value))
+
+    def metric(self) -> Metric:
+        """The same family as a prometheus_client Metric, for its encoders."""
+        if self.kind == "info":
+            ((values, _),) = self.rows
+            return InfoMetricFamily(
+                self.name, self.help, value=dict(zip(self.labels, values, strict=True))
+            )
+        family: Metric
+        if self.kind == "counter":
+            family = CounterMetricFamily(self.name, self.help, labels=self.labels)
+        else:
+            family = GaugeMetricFamily(self.name, self.help, labels=self.labels)
+        for values, value in self.rows:
+            family.add_metric(list(values), value)
+        return family
+
+
+@dataclass(slots=True)
+class Histogram:
+    """One histogram family: per label set, cumulative counts over `bounds`, and the sum."""
+
+    name: str
+    help: str
+    bounds: tuple[float, ...]  # upper bounds, ascending, without +Inf
+    labels: tuple[str, ...] = ()
+    #: (label values, cumulative count per bound then +Inf, sum of observations)
+    rows: list[tuple[tuple[str, ...], Sequence[int], float]] = field(default_factory=list)
+
+    def add(self, values: tuple[str, ...], cumulative: Sequence[int], total: float) -> None:
+        if len(cumulative) != len(self.bounds) + 1:
+            raise ValueError(f"{self.name}: expected {len(self.bounds) + 1} bucket counts")
+        self.rows.append((values, cumulative, total))
+
+    def metric(self) -> Metric:
+        family = HistogramMetricFamily(self.name, self.help, labels=self.labels)
+        edges = [*map(floatToGoString, self.bounds), "+Inf"]
+        for values, cumulative, total in self.rows:
+            family.add_metric(list(values), list(zip(edges, cumulative, strict=True)), total)
+        return family
+
+
+def single(name: str, help_text: str, value: float) -> Family:
+    """A gauge family of one unlabelled sample."""
+    return Family(name, help_text, "gauge", (), [((), value)])
+
+
+def render_text(families: Sequence[Family | Histogram]) -> str:
+    """The families in the Prometheus text format 0.0.4, as generate_latest writes them."""
+    return "".join(_rendered(families))
+
+
+def render_chunks(families: Sequence[Family | Histogram]) -> list[bytes]:
+    """The same text, encoded one family at a time.
+
+    Only one family's lines exist as strings at once: a large scrape's peak memory is
+    the encoded answer and one family, not every line, their join and its encoding.
+    """
+    return [chunk.encode() for chunk in _rendered(families)]
+
+
+class _Escaper:
+    """Label values escaped once per distinct value: a queue's name is in many samples."""
+
+    def __init__(self) -> None:
+        self._done: dict[str, str] = {}
+
+    def __call__(self, raw: str) -> str:
+        text = self._done.get(raw)
+        if text is None:
+            text = raw.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+            self._done[raw] = text
+        return text
+
+
+def _template(name: str, keys: Sequence[str]) -> str:
+    """`name{a="{0}",b="{1}"} {2}\\n`, labels sorted by name as prometheus_client writes them:
+    each sample then costs one format call."""
+    count = len(keys)
+    if not count:
+        return f"{name} {{0}}\n"
+    pairs = ",".join(f'{keys[i]}="{{{i}}}"' for i in sorted(range(count), key=keys.__getitem__))
+    return f"{name}{{{{{pairs}}}}} {{{count}}}\n"
+
+
+def _header(name: str, help_text: str, kind: str) -> str:
+    help_text = help_text.replace("\\", r"\\").replace("\n", r"\n")
+    return f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n"
+
+
+def _rendered(families: Sequence[Family | Histogram]) -> Iterator[str]:
+    escape = _Escaper()
+    for family in families:
+        if isinstance(family, Histogram):
+            yield _rendered_histogram(family, escape)
+            continue
+        name = family.name
+        if family.kind == "counter":
+            name += "_total"
+        elif family.kind == "info":
+            name += "_info"
+        lines = [_header(name, family.help, "counter" if family.kind == "counter" else "gauge")]
+        if not family.labels:
+            lines.extend(f"{name} {_number(value)}\n" for _, value in family.rows)
+            yield "".join(lines)
+            continue
+        template = _template(name, family.labels)
+        for values, value in family.rows:
+            lines.append(template.format(*map(escape, values), _number(value)))
+        yield "".join(lines)
+
+
+def _rendered_histogram(family: Histogram, escape: _Escaper) -> str:
+    name = family.name
+    lines = [_header(name, family.help, "histogram")]
+    bucket = _template(f"{name}_bucket", (*family.labels, "le"))
+    count = _template(f"{name}_count", family.labels)
+    total = _template(f"{name}_sum", family.labels)
+    edges = [*(str(floatToGoString(bound)) for bound in family.bounds), "+Inf"]  # type: ignore[no-untyped-call]
+    for values, cumulative, observed in family.rows:
+        shown = [escape(value) for value in values]
+        for edge, number in zip(edges, cumulative, strict=True):
+            lines.append(bucket.format(*shown, edge, _number(number)))
+        lines.append(count.format(*shown, _number(cumulative[-1])))
+        lines.append(total.format(*shown, _number(observed)))
+    return "".join(lines)
+
+
+def _number(value: float) -> str:
+    # floatToGoString's result for a small whole number, without its float round trip.
+    if type(value) is int and -1_000_000 < value < 1_000_000:
+        return f"{value}.0"
+    return str(floatToGoString(value))  # type: ignore[no-untyped-call]
