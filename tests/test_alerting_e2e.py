@@ -43,7 +43,8 @@ pytestmark = pytest.mark.integration
 SAMPLES = Path(__file__).resolve().parent / "fixtures" / "samples"
 #: How long a test waits for one step of the stack (a scrape, an evaluation, a notification).
 PATIENCE = 30.0
-RUNBOOKS = "https://github.com/jobstats-exporter/jobstats-exporter/blob/main/docs/runbooks.md"
+#: The rules' runbook_url is relative; the template's base address is empty by default.
+RUNBOOKS = "docs/runbooks.md"
 DASHBOARD = "http://localhost:3000/d/jobstats-overview/background-jobs"
 #: The severity each alert carries in the shipped rules (JobStatsQueueNotActive: when stopped).
 SEVERITY = {
