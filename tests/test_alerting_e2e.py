@@ -57,6 +57,9 @@ SEVERITY = {
     "JobStatsQueueBacklog": "warning",
     "JobStatsRecurringJobOverdue": "critical",
     "JobStatsInvalidQueuePayload": "info",
+    "JobStatsQueueJobsWaitingTooLong": "warning",
+    "JobStatsRedisSourceDown": "warning",
+    "JobStatsEventsMissed": "info",
 }
 
 
@@ -340,8 +343,11 @@ INHIBITIONS = {
             ("JobStatsRedisUnavailable", "x", None),
             ("JobStatsRecurringJobOverdue", "x", "q"),
             ("JobStatsInvalidQueuePayload", "x", None),
+            ("JobStatsRedisSourceDown", "x", None),
+            ("JobStatsQueueJobsWaitingTooLong", "x", "q"),
+            ("JobStatsEventsMissed", "x", "q"),
         ),
-        kept=(("JobStatsQueueFailedJobs", "y", "q"),),
+        kept=(("JobStatsQueueFailedJobs", "y", "q"), ("JobStatsRedisSourceDown", "y", None)),
     ),
     "api_down_mutes_queue_alerts_and_redis": Inhibition(
         source=("JobStatsApiDown", "x", None),
@@ -363,6 +369,7 @@ INHIBITIONS = {
             ("JobStatsQueueBacklog", "x", "q"),
             ("JobStatsRecurringJobOverdue", "x", "q"),
             ("JobStatsQueueFailedJobs", "x", "q"),
+            ("JobStatsRedisSourceDown", "x", None),
         ),
         kept=(
             ("JobStatsQueueBacklog", "y", "q"),
