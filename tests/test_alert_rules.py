@@ -52,10 +52,10 @@ INLINE_SECRET_KEYS = frozenset(
     }
 )
 TEMPLATE_NAMES = ("jobstats.text", "jobstats.title", "jobstats.email.html")
-FAILED_JOBS_RUNBOOK = (
-    "https://github.com/jobstats-exporter/jobstats-exporter/blob/main/docs/runbooks.md"
-    "#jobstatsqueuefailedjobs"
-)
+#: The rules' runbook_url: a path in the repository, joined in the notifications to the one
+#: base address the template `jobstats.runbook_base_url` defines (empty by default).
+FAILED_JOBS_RUNBOOK = "docs/runbooks.md#jobstatsqueuefailedjobs"
+RUNBOOK_BASE_DEFINITION = '{{ define "jobstats.runbook_base_url" }}{{ end }}'
 
 
 def load_yaml(path: Path) -> Any:
@@ -245,10 +245,11 @@ def test_alert_has_a_severity_the_annotations_and_a_for_longer_than_a_minute(
 
 @pytest.mark.parametrize("rule", ALERT_RULES, ids=RULE_IDS)
 def test_runbook_url_points_to_a_section_of_the_runbooks(rule: dict[str, Any]) -> None:
+    """A path relative to the repository, so that it names the runbook in every copy of it."""
     document, _, anchor = rule["annotations"]["runbook_url"].partition("#")
     runbooks = ROOT / RUNBOOKS
 
-    assert document.endswith("/" + RUNBOOKS.as_posix())
+    assert document == RUNBOOKS.as_posix()
     assert runbooks.is_file(), f"{RUNBOOKS} is missing"
     assert anchor in github_anchors(runbooks.read_text(encoding="utf-8"))
 
@@ -327,10 +328,8 @@ def test_notification_template_renders(amtool: str, template: str) -> None:
     assert result.stdout.strip()
 
 
-@pytest.mark.parametrize("template", ["jobstats.text", "jobstats.email.html"])
-def test_notification_names_the_queue_and_links_runbook_and_dashboard(
-    amtool: str, template: str, tmp_path: Path
-) -> None:
+def failed_jobs_notification(runbook_url: str) -> dict[str, Any]:
+    """The data Alertmanager gives a template for one firing JobStatsQueueFailedJobs."""
     labels = {
         "alertname": "JobStatsQueueFailedJobs",
         "severity": "warning",
@@ -348,7 +347,7 @@ def test_notification_names_the_queue_and_links_runbook_and_dashboard(
                 "annotations": {
                     "summary": "Queue inventory has new failed jobs",
                     "description": "5 new failed jobs on queue inventory in the last 10 minutes",
-                    "runbook_url": FAILED_JOBS_RUNBOOK,
+                    "runbook_url": runbook_url,
                 },
                 "startsAt": "2025-08-14T06:00:00Z",
                 "endsAt": "0001-01-01T00:00:00Z",
@@ -361,23 +360,83 @@ def test_notification_names_the_queue_and_links_runbook_and_dashboard(
         "commonAnnotations": {},
         "externalURL": "http://alertmanager:9093",
     }
+    return data
+
+
+def render(
+    amtool: str, template: str, data: dict[str, Any], tmp_path: Path, glob: str = TEMPLATES_GLOB
+) -> subprocess.CompletedProcess[str]:
     data_file = tmp_path / "data.json"
     data_file.write_text(json.dumps(data), encoding="utf-8")
-
-    result = run(
+    return run(
         amtool,
         "template",
         "render",
         "--template.glob",
-        TEMPLATES_GLOB,
+        glob,
         "--template.data",
         str(data_file),
         "--template.text",
         f'{{{{ template "{template}" . }}}}',
     )
 
+
+@pytest.mark.parametrize("template", ["jobstats.text", "jobstats.email.html"])
+def test_notification_names_the_queue_and_links_runbook_and_dashboard(
+    amtool: str, template: str, tmp_path: Path
+) -> None:
+    result = render(amtool, template, failed_jobs_notification(FAILED_JOBS_RUNBOOK), tmp_path)
+
     assert result.returncode == 0, report(result)
     assert "queue inventory" in result.stdout or "<b>inventory</b>" in result.stdout
     assert "5 new failed jobs" in result.stdout
-    assert FAILED_JOBS_RUNBOOK in result.stdout
+    assert f"Runbook: {FAILED_JOBS_RUNBOOK}" in result.stdout or (
+        f'Runbook: <a href="{FAILED_JOBS_RUNBOOK}">' in result.stdout
+    )
     assert "var-queue=inventory" in result.stdout
+
+
+def test_runbook_base_address_is_defined_once_and_empty_by_default() -> None:
+    templates = "".join(
+        path.read_text(encoding="utf-8") for path in sorted(ROOT.glob(TEMPLATES_GLOB))
+    )
+
+    assert templates.count('define "jobstats.runbook_base_url"') == 1
+    assert RUNBOOK_BASE_DEFINITION in templates
+
+
+@pytest.mark.parametrize("template", ["jobstats.text", "jobstats.email.html"])
+def test_runbook_links_join_the_base_address_set_in_the_template(
+    amtool: str, template: str, tmp_path: Path
+) -> None:
+    """As a deployer does it: one edit of jobstats.runbook_base_url, and every link is whole."""
+    base = "https://git.example.com/ops/jobstats-exporter/-/blob/main/"
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    for path in ROOT.glob(TEMPLATES_GLOB):
+        text = path.read_text(encoding="utf-8").replace(
+            RUNBOOK_BASE_DEFINITION,
+            f'{{{{ define "jobstats.runbook_base_url" }}}}{base}{{{{ end }}}}',
+        )
+        (templates / path.name).write_text(text, encoding="utf-8")
+
+    result = render(
+        amtool,
+        template,
+        failed_jobs_notification(FAILED_JOBS_RUNBOOK),
+        tmp_path,
+        glob=str(templates / "*.tmpl"),
+    )
+
+    assert result.returncode == 0, report(result)
+    assert f"{base}{FAILED_JOBS_RUNBOOK}" in result.stdout
+
+
+def test_an_absolute_runbook_url_is_kept_as_it_is(amtool: str, tmp_path: Path) -> None:
+    """Rules of the deployer's own may link their runbooks anywhere."""
+    absolute = "https://wiki.example.com/runbooks/failed-jobs"
+
+    result = render(amtool, "jobstats.text", failed_jobs_notification(absolute), tmp_path)
+
+    assert result.returncode == 0, report(result)
+    assert f"Runbook: {absolute}\n" in result.stdout

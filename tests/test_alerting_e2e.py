@@ -43,7 +43,8 @@ pytestmark = pytest.mark.integration
 SAMPLES = Path(__file__).resolve().parent / "fixtures" / "samples"
 #: How long a test waits for one step of the stack (a scrape, an evaluation, a notification).
 PATIENCE = 30.0
-RUNBOOKS = "https://github.com/jobstats-exporter/jobstats-exporter/blob/main/docs/runbooks.md"
+#: The rules' runbook_url is relative; the template's base address is empty by default.
+RUNBOOKS = "docs/runbooks.md"
 DASHBOARD = "http://localhost:3000/d/jobstats-overview/background-jobs"
 #: The severity each alert carries in the shipped rules (JobStatsQueueNotActive: when stopped).
 SEVERITY = {
@@ -56,6 +57,9 @@ SEVERITY = {
     "JobStatsQueueBacklog": "warning",
     "JobStatsRecurringJobOverdue": "critical",
     "JobStatsInvalidQueuePayload": "info",
+    "JobStatsQueueJobsWaitingTooLong": "warning",
+    "JobStatsRedisSourceDown": "warning",
+    "JobStatsEventsMissed": "info",
 }
 
 
@@ -339,8 +343,11 @@ INHIBITIONS = {
             ("JobStatsRedisUnavailable", "x", None),
             ("JobStatsRecurringJobOverdue", "x", "q"),
             ("JobStatsInvalidQueuePayload", "x", None),
+            ("JobStatsRedisSourceDown", "x", None),
+            ("JobStatsQueueJobsWaitingTooLong", "x", "q"),
+            ("JobStatsEventsMissed", "x", "q"),
         ),
-        kept=(("JobStatsQueueFailedJobs", "y", "q"),),
+        kept=(("JobStatsQueueFailedJobs", "y", "q"), ("JobStatsRedisSourceDown", "y", None)),
     ),
     "api_down_mutes_queue_alerts_and_redis": Inhibition(
         source=("JobStatsApiDown", "x", None),
@@ -362,6 +369,7 @@ INHIBITIONS = {
             ("JobStatsQueueBacklog", "x", "q"),
             ("JobStatsRecurringJobOverdue", "x", "q"),
             ("JobStatsQueueFailedJobs", "x", "q"),
+            ("JobStatsRedisSourceDown", "x", None),
         ),
         kept=(
             ("JobStatsQueueBacklog", "y", "q"),
