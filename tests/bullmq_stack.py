@@ -41,7 +41,8 @@ __all__ = [
 BULLMQ_DIR = Path(__file__).resolve().parent / "bullmq"
 DRIVER = BULLMQ_DIR / "driver.mjs"
 PACKAGE_LOCK = BULLMQ_DIR / "package-lock.json"
-#: npm ci writes this last; older than package-lock.json means node_modules is stale.
+PACKAGE_JSON = BULLMQ_DIR / "package.json"
+#: npm ci writes this last; older than the lock (or package.json) means node_modules is stale.
 INSTALLED_LOCK = BULLMQ_DIR / "node_modules" / ".package-lock.json"
 
 
@@ -153,7 +154,7 @@ def running_redis(directory: Path) -> Iterator[RedisServer]:
 
 
 def ensure_node_modules() -> Path:
-    """tests/bullmq/node_modules, installed by `npm ci` when missing or older than the lock.
+    """tests/bullmq/node_modules, installed by `npm ci` when missing or stale (as `make node-deps`).
 
     Skips (fails under JOBSTATS_REQUIRE_TOOLS) when node or npm is missing.
     """
@@ -164,8 +165,9 @@ def ensure_node_modules() -> Path:
 
 @functools.cache
 def _install_node_modules(npm: str) -> Path:
-    stale = (
-        not INSTALLED_LOCK.exists() or INSTALLED_LOCK.stat().st_mtime < PACKAGE_LOCK.stat().st_mtime
+    stale = not INSTALLED_LOCK.exists() or any(
+        INSTALLED_LOCK.stat().st_mtime < source.stat().st_mtime
+        for source in (PACKAGE_LOCK, PACKAGE_JSON)
     )
     if stale:
         # No install scripts: bullmq needs none, and the optional native msgpackr
