@@ -201,7 +201,8 @@ class QueueView:
       prioritized, waiting-children and paused.
     - `workers`: getWorkers() count; `worker_names`: their connections' names.
     - `events`: entries the driver's QueueEvents read, by event name, plus `retried`
-      (`waiting` entries with prev=active); counted from when the driver opened the queue.
+      (jobs moved from active back to waiting or delayed); counted from when the driver
+      opened the queue.
     - `finished`: from the driver's workers: `completed`, `failed` (for good) and
       `retried` (failed attempts BullMQ retries).
     """

@@ -52,6 +52,7 @@ class CountingQueueEvents extends QueueEvents {
   constructor(name, options, counts) {
     super(name, options);
     this.counts = counts;
+    this.lastEvent = new Map(); // jobId -> its latest event: tells a retry's `delayed`
   }
 
   emit(event, ...args) {
@@ -60,7 +61,16 @@ class CountingQueueEvents extends QueueEvents {
     // `${event}:${jobId}`; count the first only.
     if (typeof last === 'string' && STREAM_ID.test(last) && !event.includes(':')) {
       this.counts[event] = (this.counts[event] ?? 0) + 1;
-      if (event === 'waiting' && args[0]?.prev === 'active') this.counts.retried += 1;
+      const jobId = args[0]?.jobId;
+      if (jobId !== undefined) {
+        // Back from active: `waiting` says prev=active, but `delayed` (a retry with
+        // backoff, moveToDelayed-11.lua) carries no prev at all.
+        const fromActive =
+          (event === 'waiting' && args[0].prev === 'active') ||
+          (event === 'delayed' && this.lastEvent.get(jobId) === 'active');
+        if (fromActive) this.counts.retried += 1;
+        this.lastEvent.set(jobId, event);
+      }
     }
     return super.emit(event, ...args);
   }
@@ -73,7 +83,7 @@ class QueueState {
     this.queue = queue;
     this.events = null;
     // From the driver's own QueueEvents, by stream event name (`completed`, `failed`, ...),
-    // plus `retried`: `waiting` entries with prev=active.
+    // plus `retried`: jobs moved from active back to waiting or delayed.
     this.eventCounts = { completed: 0, failed: 0, retried: 0 };
     // From the listeners of the driver's own workers: jobs that completed, jobs that failed
     // for good, and failed attempts that BullMQ will retry.
