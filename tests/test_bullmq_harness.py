@@ -274,3 +274,13 @@ def test_the_worker_carries_on_after_redis_is_killed_and_restarted(
     driver.add("inventory", "after")
     assert driver.wait_finished("inventory", 2)["completed"] == 2
     assert [e["event"] for e in stream(client, "inventory")].count("completed") == 1
+
+
+def test_an_obliterated_queue_leaves_no_key_behind(
+    driver: BullmqDriver, client: redis.Redis
+) -> None:
+    driver.add_bulk("gone", [{"name": "manual", "opts": {"delay": 60_000}}] * 3)
+    assert client.exists("bull:gone:events", "bull:gone:meta", "bull:gone:delayed") == 3
+
+    driver.obliterate("gone")
+    assert sorted(client.scan_iter("bull:gone:*")) == []
