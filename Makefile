@@ -3,12 +3,12 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint unit system-deps generate dashboards bench soak clean
+.PHONY: demo test lint unit system-deps node-deps generate dashboards bench soak clean
 
 demo: $(VENV)/.runtime
 	$(BIN)/jobstats-exporter demo
 
-test: $(VENV)/.test system-deps lint unit
+test: $(VENV)/.test system-deps node-deps lint unit
 
 lint: $(VENV)/.test
 	$(BIN)/ruff check .
@@ -35,12 +35,22 @@ generate: $(VENV)/.test
 
 dashboards: generate
 
-# The tests run Debian's prometheus, promtool, alertmanager, amtool and
-# docker-compose (its config parser) for real.
+# The tests run Debian's prometheus, promtool, alertmanager, amtool,
+# docker-compose (its config parser) and redis-server for real.
 system-deps:
-	@for tool in prometheus promtool prometheus-alertmanager amtool docker-compose; do \
+	@for tool in prometheus promtool prometheus-alertmanager amtool docker-compose redis-server; do \
 	  command -v $$tool >/dev/null || { scripts/install-system-deps; break; }; \
 	done
+
+# bullmq for the real BullMQ of the tests, exactly as tests/bullmq/package-lock.json
+# pins it (Node.js and npm come with the machine). npm ci writes the hidden lock last.
+NODE_DEPS := tests/bullmq/node_modules/.package-lock.json
+
+node-deps: $(NODE_DEPS)
+
+$(NODE_DEPS): tests/bullmq/package-lock.json tests/bullmq/package.json
+	cd tests/bullmq && npm ci --no-audit --no-fund --ignore-scripts
+	touch $@
 
 $(VENV)/.runtime: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
