@@ -292,8 +292,9 @@ class Tailer:
             log.info("redis source reconnected", extra={"redis": self._where})
             for position in self._positions.values():
                 position.suspect = True
-        self.connected = True
         await self._discover(client)
+        # Up once the queues are known: a queue found after this is new, counted whole.
+        self.connected = True
         next_discovery = self.clock() + self.discovery_interval
         while True:
             if self.clock() >= next_discovery:

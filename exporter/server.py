@@ -148,7 +148,9 @@ class Exporter:
             limits.max_queue_name_length,
             target.redis.discovery_interval,
         )
-        return _TargetState(client, ScrapeErrors(), tailer, self._loop.submit(tailer.run()))
+        task = self._loop.submit(tailer.run())
+        task.add_done_callback(_report_crash)
+        return _TargetState(client, ScrapeErrors(), tailer, task)
 
     def client_for(self, target: str | None) -> StatsClient:
         """The client of `target` (default: the first); UnknownTargetError if none."""
@@ -235,6 +237,15 @@ Reads a job stats API once per scrape.</p>
                 self._loop.run(state.tailer.close())
             state.client.close()
         self._loop.close()
+
+
+def _report_crash(task: concurrent.futures.Future[None]) -> None:
+    """A tailer ends only when cancelled; any other end is a bug, logged with its traceback."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None:
+        log.error("redis source stopped on an internal error", exc_info=error)
 
 
 class MetricsServer(ThreadingHTTPServer):
