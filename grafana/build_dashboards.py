@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,6 @@ from grafana_foundation_sdk.builders import prometheus, stat, table, text, times
 from grafana_foundation_sdk.builders.common import VizLegendOptions
 from grafana_foundation_sdk.builders.dashboard import (
     Dashboard,
-    DashboardLink,
     DatasourceVariable,
     QueryVariable,
     Row,
@@ -37,8 +36,8 @@ from grafana_foundation_sdk.models.common import (
     VizOrientation,
 )
 from grafana_foundation_sdk.models.dashboard import (
-    DashboardLinkType,
     DataSourceRef,
+    DataTransformerConfig,
     DynamicConfigValue,
     FieldColorModeId,
     GridPos,
@@ -52,7 +51,10 @@ from grafana_foundation_sdk.models.dashboard import (
 )
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
 
-__all__ = ["DASHBOARDS", "DATASOURCE_UID", "main", "overview"]
+from exporter.card import OVERDUE_GRACE_SECONDS
+from exporter.collector import INVALID_SCHEDULE
+
+__all__ = ["DASHBOARDS", "DATASOURCE_UID", "SECTIONS", "main", "overview"]
 
 #: The uid of the provisioned Prometheus data source (grafana/provisioning/datasources).
 DATASOURCE_UID = "jobstats-prometheus"
@@ -61,21 +63,46 @@ OVERVIEW_UID = "jobstats-overview"
 DASHBOARD_DIR = Path(__file__).parent / "dashboards"
 
 DS = DataSourceRef(type_val="prometheus", uid="${datasource}")
+#: Prometheus' scrape job of the exporter, for the series Prometheus writes itself (`up`).
+JOB = 'job="$job"'
 INSTANCE = 'instance=~"$instance"'
 QUEUE = f'{INSTANCE},queue=~"$queue"'
+#: 0 when at least one selected exporter read valid stats, else nothing: a count that is
+#: "0" only when it is known, and "Unknown" (the panel's no value) while the API fails.
+KNOWN_ZERO = f"0 * max(jobstats_up{{{INSTANCE}}} == 1)"
+#: A next run further back than this is overdue, for the card (`check`) and the alert.
+OVERDUE = (
+    f"time() - jobstats_queue_next_run_timestamp_seconds{{{INSTANCE}}} > {OVERDUE_GRACE_SECONDS}"
+)
+#: The rows below the card whose queries read the recording rules say so when empty.
+NO_RULES = "No data: are the recording rules of alerts/jobstats.rules.yml loaded?"
 
 # The admin card's colors.
+GRAY = "#8e8e8e"
 STATE_COLORS = {
-    "waiting": "#8e8e8e",  # gray
+    "waiting": GRAY,
     "active": "blue",
     "completed": "green",
     "failed": "red",
     "delayed": "yellow",
 }
 STATUS_CODES = {"active": (1, "green"), "paused": (2, "yellow"), "stopped": (3, "red")}
-UNKNOWN_STATUS = (4, "#8e8e8e")
+UNKNOWN_STATUS = (4, GRAY)
 RECURRING_COLOR = "yellow"
 REDIS_COLOR = "blue"
+#: Redis connection, worst last, with the card's words (exporter/card.py).
+CONNECTION_CODES = (
+    (1, "Available", REDIS_COLOR),
+    (2, "Availability not reported", GRAY),
+    (3, "Unavailable", "red"),
+)
+#: The card's system status words (exporter/card.py), as the big value shows them.
+HEALTHY, NEEDS_ATTENTION = "Healthy", "Needs attention"
+#: The value of the schedule stat for a cron pattern BullMQ cannot run: no period exists.
+INVALID_CRON_VALUE = 0
+
+#: A section of the dashboard: its panels placed from row `top` down, and its height.
+Section = Callable[[int], tuple[list[Any], int]]
 
 
 def query(expr: str, legend: str, ref: str = "A", instant: bool = False) -> prometheus.Dataquery:
@@ -97,12 +124,25 @@ def mapping(*entries: tuple[int, str, str]) -> ValueMap:
     )
 
 
+def mapped_as(*entries: tuple[int, str, str]) -> list[DynamicConfigValue]:
+    """An override that shows a query's codes as words in colors."""
+    return [DynamicConfigValue(id_val="mappings", value=[mapping(*entries)])]
+
+
 def steps(*pairs: tuple[float | None, str]) -> ThresholdsConfig:
     return (
         ThresholdsConfig()
         .mode(ThresholdsMode.ABSOLUTE)
         .steps([Threshold(value=value, color=color) for value, color in pairs])
     )
+
+
+def red_from(value: float, below: str = "green") -> list[DynamicConfigValue]:
+    """An override coloring a count `below` under `value` and red from it."""
+    return [
+        DynamicConfigValue(id_val="color", value={"mode": "thresholds"}),
+        DynamicConfigValue(id_val="thresholds", value=steps((None, below), (value, "red")).build()),
+    ]
 
 
 def big_values(title: str, position: GridPos) -> stat.Panel:
@@ -120,69 +160,124 @@ def big_values(title: str, position: GridPos) -> stat.Panel:
     )
 
 
-def header() -> list[Any]:
+def graph(title: str, description: str, position: GridPos) -> timeseries.Panel:
+    return (
+        timeseries.Panel()
+        .title(title)
+        .description(description)
+        .datasource(DS)
+        .grid_pos(position)
+        .legend(
+            VizLegendOptions()
+            .display_mode(LegendDisplayMode.LIST)
+            .placement(LegendPlacement.BOTTOM)
+            .show_legend(True)
+        )
+    )
+
+
+def row(title: str, top: int) -> Row:
+    """A row header at `top`; the panels of its section go below it."""
+    return Row(title).grid_pos(GridPos(h=1, w=24, x=0, y=top))
+
+
+def half(top: int, right: bool = False, height: int = 8) -> GridPos:
+    """The left or right half of the dashboard at `top`."""
+    return GridPos(h=height, w=12, x=12 if right else 0, y=top)
+
+
+# --- The admin card -----------------------------------------------------------------------
+
+
+def last_updated_expr() -> str:
+    """When the stats on screen were read from the API: the oldest among the exporters scraped.
+
+    Only a scrape that got stats carries jobstats_result_age_seconds, and its sample's
+    timestamp minus the age is when the answer was fetched; a failing API leaves it behind.
+    """
+    fetched = (
+        f"timestamp(jobstats_result_age_seconds{{{INSTANCE}}})"
+        f" - jobstats_result_age_seconds{{{INSTANCE}}}"
+    )
+    return (
+        f"min(max by (instance) (max_over_time(({fetched})[$__range:]))"
+        f" and on (instance) up{{{JOB},{INSTANCE}}}) * 1000"
+    )
+
+
+def header(top: int) -> tuple[list[Any], int]:
     intro = (
         text.Panel()
         .title("")
-        .grid_pos(GridPos(h=3, w=18, x=0, y=0))
+        .grid_pos(GridPos(h=3, w=18, x=0, y=top))
         .content(
             "## Background Jobs\n"
             "Real-time background job statistics and status. "
-            "Refreshes every 30 s; the **Refresh** link above reloads now."
+            "Refreshes every 30 s; Grafana's refresh button (top right) reloads now."
         )
     )
     updated = (
         stat.Panel()
         .title("Last updated")
-        .description("When Prometheus last scraped the exporter; Summary says if it got stats.")
-        .datasource(DS)
-        .grid_pos(GridPos(h=3, w=6, x=18, y=0))
-        .with_target(
-            query(
-                f"max(timestamp(jobstats_up{{{INSTANCE}}})) * 1000",
-                "Last updated",
-                instant=True,
-            )
+        .description(
+            "When the stats shown were read from the job stats API: it stops moving while the"
+            " API fails. With several exporters, the oldest."
         )
+        .datasource(DS)
+        .grid_pos(GridPos(h=3, w=6, x=18, y=top))
+        .with_target(query(last_updated_expr(), "Last updated", instant=True))
         .unit("dateTimeFromNow")
         .color_mode(BigValueColorMode.NONE)
         .graph_mode(BigValueGraphMode.NONE)
         .text_mode(BigValueTextMode.VALUE)
         .no_value("never")
     )
-    return [intro, updated]
+    return [intro, updated], 3
 
 
-def redis_status() -> stat.Panel:
+def redis_connection_expr() -> str:
+    """Per exporter: 1 available, 2 not reported (stats read, no redisAvailable), 3 not; worst."""
     return (
-        big_values("Redis status", GridPos(h=3, w=24, x=0, y=3))
-        .description("stats.redisStatus and redisAvailable of the job stats API.")
-        .with_target(query(f"max(jobstats_redis_enabled{{{INSTANCE}}})", "Redis", "A", True))
-        .with_target(query(f"max(jobstats_redis_available{{{INSTANCE}}})", "Connection", "B", True))
-        .color_scheme(FieldColorBuilder().mode(FieldColorModeId.FIXED).fixed_color(REDIS_COLOR))
-        .override_by_query(
-            "A",
-            [
-                DynamicConfigValue(
-                    id_val="mappings",
-                    value=[mapping((1, "Enabled", REDIS_COLOR), (0, "Disabled", REDIS_COLOR))],
-                )
-            ],
-        )
-        .override_by_query(
-            "B",
-            [
-                DynamicConfigValue(
-                    id_val="mappings",
-                    value=[mapping((1, "Available", REDIS_COLOR), (0, "Unavailable", "red"))],
-                )
-            ],
-        )
-        .no_value("Unknown")
+        f"max(3 - 2 * max by (instance) (jobstats_redis_available{{{INSTANCE}}})"
+        f" or on (instance) 2 * max by (instance) (jobstats_up{{{INSTANCE}}} == 1))"
     )
 
 
-def queue_block() -> stat.Panel:
+def redis_status(top: int) -> tuple[list[Any], int]:
+    panel = (
+        big_values("Redis status", GridPos(h=3, w=24, x=0, y=top))
+        .description(
+            "stats.redisStatus and redisAvailable of the job stats API; with several exporters,"
+            " the worst. Unknown while no exporter reads the API."
+        )
+        .with_target(query(f"min(jobstats_redis_enabled{{{INSTANCE}}})", "Redis", "A", True))
+        .with_target(query(redis_connection_expr(), "Connection", "B", True))
+        .color_scheme(FieldColorBuilder().mode(FieldColorModeId.FIXED).fixed_color(REDIS_COLOR))
+        .override_by_query(
+            "A", mapped_as((1, "Enabled", REDIS_COLOR), (0, "Disabled", REDIS_COLOR))
+        )
+        .override_by_query("B", mapped_as(*CONNECTION_CODES))
+        .no_value("Unknown")
+    )
+    return [panel], 3
+
+
+def schedule_expr() -> str:
+    """The period of each cron pattern, labelled with the pattern and its words.
+
+    A pattern BullMQ cannot run has no period; it shows as INVALID_CRON_VALUE with its
+    words, "invalid cron pattern", instead of vanishing.
+    """
+    return (
+        f"max by (cron, schedule) (jobstats_queue_cron_interval_seconds{{{QUEUE}}}"
+        f" * on (instance, queue) group_left (cron, schedule)"
+        f" jobstats_queue_recurring_info{{{QUEUE}}}"
+        f" or {INVALID_CRON_VALUE}"
+        f' * jobstats_queue_recurring_info{{{QUEUE},schedule="{INVALID_SCHEDULE}"}})'
+    )
+
+
+def queue_block(top: int) -> tuple[list[Any], int]:
     """One queue as the card shows it: badge, five counts, recurring jobs. Repeated per queue."""
     # A code per instance, then the worst: one queue on two backends never adds up.
     codes = " + ".join(
@@ -191,7 +286,7 @@ def queue_block() -> stat.Panel:
     )
     status_code = f"max({codes})"
     panel = (
-        big_values("$queue", GridPos(h=9, w=12, x=0, y=6))
+        big_values("$queue", GridPos(h=9, w=12, x=0, y=top))
         .description("The queue as the admin card shows it. One panel per queue, two per row.")
         .repeat("queue")
         .repeat_direction("h")
@@ -199,20 +294,10 @@ def queue_block() -> stat.Panel:
         .with_target(query(status_code, "Status", "STATUS", True))
         .override_by_query(
             "STATUS",
-            [
-                DynamicConfigValue(
-                    id_val="mappings",
-                    value=[
-                        mapping(
-                            *[
-                                (code, name.capitalize(), color)
-                                for name, (code, color) in STATUS_CODES.items()
-                            ],
-                            (UNKNOWN_STATUS[0], "Unknown", UNKNOWN_STATUS[1]),
-                        )
-                    ],
-                )
-            ],
+            mapped_as(
+                *[(code, name.capitalize(), color) for name, (code, color) in STATUS_CODES.items()],
+                (UNKNOWN_STATUS[0], "Unknown", UNKNOWN_STATUS[1]),
+            ),
         )
     )
     for state, color in STATE_COLORS.items():
@@ -235,19 +320,14 @@ def queue_block() -> stat.Panel:
             )
         )
         .override_by_query("RECURRING", fixed(RECURRING_COLOR))
-        .with_target(
-            query(
-                f"max by (cron, schedule) (jobstats_queue_cron_interval_seconds{{{QUEUE}}}"
-                f" * on (instance, queue) group_left (cron, schedule)"
-                f" jobstats_queue_recurring_info{{{QUEUE}}})",
-                "{{cron}} · {{schedule}}",
-                "SCHEDULE",
-                True,
-            )
-        )
+        .with_target(query(schedule_expr(), "{{cron}} · {{schedule}}", "SCHEDULE", True))
         .override_by_query(
             "SCHEDULE",
-            [*fixed(RECURRING_COLOR), DynamicConfigValue(id_val="unit", value="s")],
+            [
+                *fixed(RECURRING_COLOR),
+                DynamicConfigValue(id_val="unit", value="s"),
+                *mapped_as((INVALID_CRON_VALUE, INVALID_SCHEDULE, "red")),
+            ],
         )
         .with_target(
             query(
@@ -273,118 +353,97 @@ def queue_block() -> stat.Panel:
             "OVERDUE",
             [
                 DynamicConfigValue(id_val="unit", value="s"),
-                DynamicConfigValue(id_val="color", value={"mode": "thresholds"}),
-                DynamicConfigValue(
-                    id_val="thresholds",
-                    value=steps((None, RECURRING_COLOR), (120, "red")).build(),
-                ),
+                *red_from(OVERDUE_GRACE_SECONDS, below=RECURRING_COLOR),
             ],
         )
     )
-    return panel
+    return [panel], 9
 
 
-def summary() -> stat.Panel:
-    system = (
-        f"(min(jobstats_up{{{INSTANCE}}}) or vector(0))"
-        f" * (min(jobstats_redis_available{{{INSTANCE}}}) or vector(0))"
+def system_status_expr() -> str:
+    """1 (Healthy) when every selected exporter is healthy as `check` judges; else 0.
+
+    `check` (exporter/card.py) calls the system healthy when it read the stats, Redis is
+    not reported unavailable, every queue is active, no schedule is overdue past the
+    grace and no queue entry was skipped as malformed. Here also the exporter must be up.
+    """
+    return (
+        f"(min(up{{{JOB},{INSTANCE}}}) or vector(0))"
+        f" * (min(jobstats_up{{{INSTANCE}}}) or vector(0))"
+        f" * (min(jobstats_redis_available{{{INSTANCE}}}) or vector(1))"
         f' * ((count(jobstats_queue_status{{{INSTANCE},status!="active"}} == 1)'
         " or vector(0)) == bool 0)"
+        f" * ((count({OVERDUE}) or vector(0)) == bool 0)"
+        f" * ((sum(jobstats_invalid_queues{{{INSTANCE}}}) or vector(0)) == bool 0)"
     )
-    return (
-        big_values("Summary", GridPos(h=4, w=24, x=0, y=15))
+
+
+def summary(top: int) -> tuple[list[Any], int]:
+    panel = (
+        big_values("Summary", GridPos(h=4, w=24, x=0, y=top))
         .description(
-            "System status is Healthy when the exporter reads valid stats, Redis is available and"
-            " every queue is active. Total completed is the sum of the retained completed jobs."
+            "System status says what `jobstats-exporter check` says: Healthy when the exporter"
+            " reads valid stats, Redis is not reported unavailable, every queue is active, no"
+            f" schedule is more than {OVERDUE_GRACE_SECONDS} s overdue and no queue entry is"
+            " skipped as malformed. The counts are Unknown while no exporter reads the API."
+            " Total completed is the sum of the retained completed jobs."
         )
-        .with_target(query(system, "System status", "SYSTEM", True))
-        .override_by_query(
-            "SYSTEM",
-            [
-                DynamicConfigValue(
-                    id_val="mappings",
-                    value=[mapping((1, "Healthy", "green"), (0, "Needs attention", "red"))],
-                )
-            ],
-        )
+        .with_target(query(system_status_expr(), "System status", "SYSTEM", True))
+        .override_by_query("SYSTEM", mapped_as((1, HEALTHY, "green"), (0, NEEDS_ATTENTION, "red")))
         .with_target(
-            query(
-                f'min(up{{job="jobstats",{INSTANCE}}}) or vector(0)', "Exporter", "EXPORTER", True
-            )
+            query(f"min(up{{{JOB},{INSTANCE}}}) or vector(0)", "Exporter", "EXPORTER", True)
         )
-        .override_by_query(
-            "EXPORTER",
-            [
-                DynamicConfigValue(
-                    id_val="mappings", value=[mapping((1, "Up", "green"), (0, "Down", "red"))]
-                )
-            ],
-        )
+        .override_by_query("EXPORTER", mapped_as((1, "Up", "green"), (0, "Down", "red")))
         .with_target(
             query(f"min(jobstats_up{{{INSTANCE}}}) or vector(0)", "Stats API", "API", True)
         )
-        .override_by_query(
-            "API",
-            [
-                DynamicConfigValue(
-                    id_val="mappings", value=[mapping((1, "OK", "green"), (0, "Failing", "red"))]
-                )
-            ],
-        )
+        .override_by_query("API", mapped_as((1, "OK", "green"), (0, "Failing", "red")))
         .with_target(
             query(
-                f'count(jobstats_queue_status{{{INSTANCE},status!="active"}} == 1) or vector(0)',
+                f'count(jobstats_queue_status{{{INSTANCE},status!="active"}} == 1) or {KNOWN_ZERO}',
                 "Queues not active",
                 "NOT_ACTIVE",
                 True,
             )
         )
-        .override_by_query(
-            "NOT_ACTIVE",
-            [
-                DynamicConfigValue(id_val="color", value={"mode": "thresholds"}),
-                DynamicConfigValue(
-                    id_val="thresholds", value=steps((None, "green"), (1, "red")).build()
-                ),
-            ],
+        .override_by_query("NOT_ACTIVE", red_from(1))
+        .with_target(
+            query(f"count({OVERDUE}) or {KNOWN_ZERO}", "Overdue schedules", "OVERDUE", True)
         )
+        .override_by_query("OVERDUE", red_from(1))
         .with_target(
             query(
-                f'sum(jobstats_queue_jobs{{{INSTANCE},state="completed"}}) or vector(0)',
+                f"sum(jobstats_invalid_queues{{{INSTANCE}}}) or {KNOWN_ZERO}",
+                "Skipped malformed queues",
+                "INVALID",
+                True,
+            )
+        )
+        .override_by_query("INVALID", red_from(1))
+        .with_target(
+            query(
+                f'sum(jobstats_queue_jobs{{{INSTANCE},state="completed"}}) or {KNOWN_ZERO}',
                 "Total completed",
                 "COMPLETED",
                 True,
             )
         )
         .override_by_query("COMPLETED", fixed("green"))
+        .no_value("Unknown")
     )
+    return [panel], 4
 
 
-def graph(title: str, description: str, position: GridPos) -> timeseries.Panel:
-    return (
-        timeseries.Panel()
-        .title(title)
-        .description(description)
-        .datasource(DS)
-        .grid_pos(position)
-        .legend(
-            VizLegendOptions()
-            .display_mode(LegendDisplayMode.LIST)
-            .placement(LegendPlacement.BOTTOM)
-            .show_legend(True)
-        )
-    )
+# --- History ------------------------------------------------------------------------------
 
 
-def history(top: int) -> list[Any]:
-    """What the card could not show: the same numbers over time."""
-    y = top + 1
-    by_state = (
+def jobs_by_state(top: int) -> timeseries.Panel:
+    panel = (
         graph(
             "Jobs by state: $queue",
             "Counts by state over time. completed and failed are retained counts: they drop when"
             " BullMQ cleans jobs.",
-            GridPos(h=8, w=12, x=0, y=y),
+            half(top),
         )
         .repeat("queue")
         .repeat_direction("h")
@@ -392,93 +451,113 @@ def history(top: int) -> list[Any]:
         .with_target(query(f"sum by (state) (jobstats_queue_jobs{{{QUEUE}}})", "{{state}}"))
     )
     for state, color in STATE_COLORS.items():
-        by_state = by_state.override_by_name(state, fixed(color))
-    y += 8
-    failures = (
+        panel = panel.override_by_name(state, fixed(color))
+    return panel
+
+
+def new_failed_jobs(top: int) -> timeseries.Panel:
+    return (
         graph(
             "New failed jobs per minute",
             "Failed jobs that appeared in the last minute, per queue: rises of the retained count,"
             " so a clean of failed jobs is not counted (queue:jobstats_failed_jobs:new1m). A lower"
-            " bound while BullMQ removes old failed jobs as new ones fail.",
-            GridPos(h=8, w=12, x=0, y=y),
+            " bound while BullMQ removes old failed jobs as new ones fail. No data without the"
+            " recording rules.",
+            half(top),
         )
         .with_target(
-            query(
-                f"sum by (queue) (queue:jobstats_failed_jobs:new1m{{{QUEUE}}})"
-                f' or sum by (queue) (jobstats_queue_jobs{{{QUEUE},state="failed"}}) * 0',
-                "{{queue}}",
-            )
+            query(f"sum by (queue) (queue:jobstats_failed_jobs:new1m{{{QUEUE}}})", "{{queue}}")
         )
         .draw_style(GraphDrawStyle.BARS)
         .fill_opacity(60)
         .color_scheme(FieldColorBuilder().mode(FieldColorModeId.PALETTE_CLASSIC))
+        .no_value(NO_RULES)
     )
-    ratio = (
+
+
+def failure_ratio_expr() -> str:
+    """Failed over finished in 30 minutes, per queue, summed before dividing.
+
+    Dividing the sums stays a ratio with several exporters: an HA pair counts every job
+    twice on both sides, a restarted exporter splits them in time.
+    """
+    failed = f"sum by (queue) (queue:jobstats_failed_jobs:new30m{{{QUEUE}}})"
+    finished = (
+        f"sum by (queue) (queue:jobstats_failed_jobs:new30m{{{QUEUE}}}"
+        f" + queue:jobstats_completed_jobs:new30m{{{QUEUE}}})"
+    )
+    return f"{failed} / ({finished} > 0) or {failed} * 0"
+
+
+def failure_ratio(top: int) -> timeseries.Panel:
+    return (
         graph(
             "Failure ratio (30 min)",
-            "Share of failures among the jobs that finished in the last 30 minutes, per queue"
-            " (queue:jobstats_finished_jobs:failure_ratio30m); 0 when none finished. The"
-            " JobStatsQueueFailureRatioHigh alert fires above 25 %.",
-            GridPos(h=8, w=12, x=12, y=y),
+            "Share of failures among the jobs that finished in the last 30 minutes, per queue,"
+            " over every selected exporter (queue:jobstats_failed_jobs:new30m and"
+            " queue:jobstats_completed_jobs:new30m); 0 when none finished. The"
+            " JobStatsQueueFailureRatioHigh alert fires above 25 %. No data without the"
+            " recording rules.",
+            half(top, right=True),
         )
-        .with_target(
-            query(
-                f"sum by (queue) (queue:jobstats_finished_jobs:failure_ratio30m{{{QUEUE}}})"
-                f' or sum by (queue) (jobstats_queue_jobs{{{QUEUE},state="failed"}}) * 0',
-                "{{queue}}",
-            )
-        )
+        .with_target(query(failure_ratio_expr(), "{{queue}}"))
         .unit("percentunit")
         .min(0)
         .max(1)
+        .no_value(NO_RULES)
     )
-    y += 8
-    throughput = (
+
+
+def throughput(top: int) -> timeseries.Panel:
+    return (
         graph(
             "Throughput: completed jobs per minute",
             "Jobs completed in the last minute, per queue, from rises of the retained completed"
             " count (queue:jobstats_completed_jobs:new1m). A lower bound: while BullMQ removes old"
             " jobs as new ones complete (at its removeOnComplete cap, or trimming by age), the"
-            " count stays flat however busy the queue is.",
-            GridPos(h=8, w=12, x=0, y=y),
+            " count stays flat however busy the queue is. No data without the recording rules.",
+            half(top),
         )
         .with_target(
-            query(
-                f"sum by (queue) (queue:jobstats_completed_jobs:new1m{{{QUEUE}}})"
-                f' or sum by (queue) (jobstats_queue_jobs{{{QUEUE},state="completed"}}) * 0',
-                "{{queue}}",
-            )
+            query(f"sum by (queue) (queue:jobstats_completed_jobs:new1m{{{QUEUE}}})", "{{queue}}")
         )
         .unit("short")
+        .no_value(NO_RULES)
     )
-    backlog = graph(
+
+
+def waiting_backlog(top: int) -> timeseries.Panel:
+    return graph(
         "Waiting backlog",
         "Jobs waiting per queue. JobStatsQueueBacklog fires above 100 when not draining.",
-        GridPos(h=8, w=12, x=12, y=y),
+        half(top, right=True),
     ).with_target(
         query(f'sum by (queue) (jobstats_queue_jobs{{{QUEUE},state="waiting"}})', "{{queue}}")
     )
-    y += 8
-    availability = (
+
+
+def availability(top: int) -> timeseries.Panel:
+    return (
         graph(
             "Availability",
-            "1 when up: the exporter (Prometheus' scrape), the stats API (jobstats_up) and Redis"
-            " (redisAvailable).",
-            GridPos(h=8, w=12, x=0, y=y),
+            "1 when up: the exporter (Prometheus' scrape of job $job), the stats API (jobstats_up)"
+            " and Redis (redisAvailable; a gap while unknown or not reported).",
+            half(top),
         )
-        .with_target(query(f'min(up{{job="jobstats",{INSTANCE}}}) or vector(0)', "Exporter", "A"))
+        .with_target(query(f"min(up{{{JOB},{INSTANCE}}}) or vector(0)", "Exporter", "A"))
         .with_target(query(f"min(jobstats_up{{{INSTANCE}}}) or vector(0)", "Stats API", "B"))
-        .with_target(
-            query(f"min(jobstats_redis_available{{{INSTANCE}}}) or vector(0)", "Redis", "C")
-        )
+        .with_target(query(f"min(jobstats_redis_available{{{INSTANCE}}})", "Redis", "C"))
         .min(0)
         .max(1)
     )
-    duration = (
+
+
+def scrape_duration(top: int) -> timeseries.Panel:
+    return (
         graph(
             "Scrape duration",
             "Time the exporter spent on the upstream call and parse, and Prometheus' whole scrape.",
-            GridPos(h=8, w=12, x=12, y=y),
+            half(top, right=True),
         )
         .with_target(
             query(
@@ -488,48 +567,80 @@ def history(top: int) -> list[Any]:
             )
         )
         .with_target(
-            query(f'max(scrape_duration_seconds{{job="jobstats",{INSTANCE}}})', "whole scrape", "B")
+            query(f"max(scrape_duration_seconds{{{JOB},{INSTANCE}}})", "whole scrape", "B")
         )
         .unit("s")
     )
-    y += 8
-    errors = graph(
-        "Failed scrapes by reason",
-        "Scrapes that could not read valid stats, by reason (jobstats_scrape_errors_total).",
-        GridPos(h=8, w=12, x=0, y=y),
-    ).with_target(
-        query(
-            "sum by (reason) ("
-            f"increase(jobstats_scrape_errors_total{{{INSTANCE}}}[$__rate_interval]))",
-            "{{reason}}",
+
+
+def failed_scrapes(top: int) -> timeseries.Panel:
+    return (
+        graph(
+            "Failed scrapes per minute, by reason",
+            "Scrapes that could not read valid stats, per minute whatever the time range, by"
+            " reason (jobstats_scrape_errors_total).",
+            half(top),
         )
+        .with_target(
+            query(
+                "sum by (reason) ("
+                f"rate(jobstats_scrape_errors_total{{{INSTANCE}}}[$__rate_interval])) * 60",
+                "{{reason}}",
+            )
+        )
+        .unit("suffix:/min")
+        .min(0)
     )
-    alerts = (
+
+
+#: Columns of the firing alerts table, in order; the rest of ALERTS' labels are hidden.
+ALERT_COLUMNS = ("alertname", "severity", "queue", "status", "instance")
+ALERT_HIDDEN = ("Time", "Value", "__name__", "alertstate", "job")
+
+
+def firing_alerts(top: int) -> table.Panel:
+    # An alert without an instance (JobStatsExporterDown from absent()) concerns every one.
+    expr = 'ALERTS{alertname=~"JobStats.+",alertstate="firing",instance=~"$instance|"}'
+    return (
         table.Panel()
         .title("Firing JobStats alerts")
-        .description("Alerts of alerts/jobstats.rules.yml firing now; empty when all is well.")
+        .description(
+            "Alerts of alerts/jobstats.rules.yml firing now for the selected instances, and"
+            " those about no instance in particular; empty when all is well."
+        )
         .datasource(DS)
-        .grid_pos(GridPos(h=8, w=12, x=12, y=y))
-        .with_target(
-            query('ALERTS{alertname=~"JobStats.+", alertstate="firing"}', "", instant=True).format(
-                PromQueryFormat.TABLE
+        .grid_pos(half(top, right=True))
+        .with_target(query(expr, "", instant=True).format(PromQueryFormat.TABLE))
+        .with_transformation(
+            DataTransformerConfig(
+                id_val="organize",
+                options={
+                    "excludeByName": dict.fromkeys(ALERT_HIDDEN, True),
+                    "indexByName": {name: index for index, name in enumerate(ALERT_COLUMNS)},
+                },
             )
         )
         .no_value("No JobStats alert is firing")
     )
-    row = Row("History").grid_pos(GridPos(h=1, w=24, x=0, y=top))
-    return [
-        row,
-        by_state,
-        failures,
-        ratio,
-        throughput,
-        backlog,
-        availability,
-        duration,
-        errors,
-        alerts,
-    ]
+
+
+def history(top: int) -> tuple[list[Any], int]:
+    """What the card could not show: the same numbers over time, two graphs a row."""
+    y = top + 1
+    panels: list[Any] = [row("History", top)]
+    for pair in (
+        (jobs_by_state,),
+        (new_failed_jobs, failure_ratio),
+        (throughput, waiting_backlog),
+        (availability, scrape_duration),
+        (failed_scrapes, firing_alerts),
+    ):
+        panels.extend(build(y) for build in pair)
+        y += 8
+    return panels, y - top
+
+
+# --- The dashboard ------------------------------------------------------------------------
 
 
 def variables() -> list[Any]:
@@ -539,11 +650,22 @@ def variables() -> list[Any]:
         .type("prometheus")
         .current(VariableOption(selected=True, text="Prometheus", value=DATASOURCE_UID))
     )
+    job = (
+        QueryVariable("job")
+        .label("Job")
+        .description("Prometheus' scrape job of the exporter")
+        .datasource(DS)
+        .query("label_values(jobstats_up, job)")
+        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .sort(VariableSort.ALPHABETICAL_ASC)
+        .current(VariableOption(selected=True, text="jobstats", value="jobstats"))
+    )
+    # From `up`, so an exporter that Prometheus cannot scrape is still listed.
     instance = (
         QueryVariable("instance")
         .label("Instance")
         .datasource(DS)
-        .query("label_values(jobstats_up, instance)")
+        .query(f"label_values(up{{{JOB}}}, instance)")
         .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
         .sort(VariableSort.ALPHABETICAL_ASC)
         .include_all(True)
@@ -554,14 +676,37 @@ def variables() -> list[Any]:
         QueryVariable("queue")
         .label("Queue")
         .datasource(DS)
-        .query(f"label_values(jobstats_queue_jobs{{{INSTANCE}}}, queue)")
+        .query(f"query_result({queue_list_expr()})")
+        .regex(QUEUE_REGEX)
         .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
         .sort(VariableSort.ALPHABETICAL_ASC)
         .include_all(True)
         .multi(True)
         .current(VariableOption(selected=True, text=["All"], value=["$__all"]))
     )
-    return [datasource, instance, queue]
+    return [datasource, job, instance, queue]
+
+
+#: Picks the queue out of a query_result line, `{queue="emails"} 1 1700000000000`.
+QUEUE_REGEX = '/^\\{queue="(.*)"\\} /'
+
+
+def queue_list_expr() -> str:
+    """The queues in the API's answer now, as the card lists them.
+
+    An exporter that reads no stats now (API down) but is still scraped keeps the queues it
+    last saw in the time range, so their history stays one click away.
+    """
+    return (
+        f"max by (queue) (jobstats_queue_status{{{INSTANCE}}})"
+        f" or max by (queue) (last_over_time(jobstats_queue_status{{{INSTANCE}}}[$__range])"
+        f" unless on (instance) (jobstats_up{{{INSTANCE}}} == 1)"
+        f" and on (instance) up{{{JOB},{INSTANCE}}})"
+    )
+
+
+#: The overview from the top down; a new row is one more function here.
+SECTIONS: tuple[Section, ...] = (header, redis_status, queue_block, summary, history)
 
 
 def overview() -> dict[str, Any]:
@@ -575,22 +720,17 @@ def overview() -> dict[str, Any]:
         .time("now-6h", "now")
         .timezone("browser")
         .editable()
-        .link(
-            DashboardLink("Refresh")
-            .type(DashboardLinkType.LINK)
-            .url(f"/d/{OVERVIEW_UID}/background-jobs")
-            .icon("sync")
-            .tooltip("Reload the dashboard now")
-            .include_vars(True)
-            .keep_time(True)
-        )
     )
     for variable in variables():
         builder = builder.with_variable(variable)
-    for panel in [*header(), redis_status(), queue_block(), summary()]:
-        builder = builder.with_panel(panel)
-    for panel in history(top=19):
-        builder = builder.with_row(panel) if isinstance(panel, Row) else builder.with_panel(panel)
+    top = 0
+    for section in SECTIONS:
+        panels, height = section(top)
+        for panel in panels:
+            builder = (
+                builder.with_row(panel) if isinstance(panel, Row) else builder.with_panel(panel)
+            )
+        top += height
     document: dict[str, Any] = json.loads(
         JSONEncoder(sort_keys=True, indent=2).encode(builder.build())
     )

@@ -48,6 +48,7 @@ __all__ = [
     "poll",
     "post_alerts",
     "prometheus_alerts",
+    "prometheus_label_values",
     "prometheus_query",
     "require_tool",
     "running_alertmanager",
@@ -571,6 +572,15 @@ def prometheus_query(port: int, promql: str) -> list[dict[str, Any]]:
     if answer["data"]["resultType"] != "vector":
         raise AssertionError(f"{promql} is not an instant vector: {answer}")
     return cast(list[dict[str, Any]], answer["data"]["result"])
+
+
+def prometheus_label_values(
+    port: int, label: str, selector: str, start: float, end: float
+) -> list[str]:
+    """The values of `label` among the series of `selector` between `start` and `end`."""
+    params = urlencode({"match[]": selector, "start": start, "end": end})
+    answer = _http_json(port, "GET", f"/api/v1/label/{label}/values?{params}")
+    return cast(list[str], answer["data"])
 
 
 def prometheus_alerts(port: int) -> list[dict[str, Any]]:

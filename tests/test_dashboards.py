@@ -5,21 +5,29 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import yaml
 
+from exporter.card import render_card
+from exporter.model import parse_stats
+from exporter.schedule import CronSchedules
+
 from alerting_stack import (
     poll,
+    prometheus_label_values,
     prometheus_query,
     require_tool,
     running_prometheus,
     write_prometheus_config,
 )
-from upstream import HOST, free_port, running_exporter
+from upstream import HOST, Answer, ExporterProcess, FakeStatsApi, free_port, running_exporter
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAFANA = ROOT / "grafana"
@@ -29,6 +37,7 @@ assert SPEC is not None
 assert SPEC.loader is not None
 BUILD = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(BUILD)
+_T = TypeVar("_T")
 STATE_COLORS = {
     "Waiting": "#8e8e8e",
     "Active": "blue",
@@ -96,15 +105,25 @@ def test_header_reproduces_the_card_title_description_and_refresh(
     assert "Background Jobs" in intro["options"]["content"]
     assert "Real-time background job statistics and status" in intro["options"]["content"]
     assert panel(dashboard, "Last updated")["fieldConfig"]["defaults"]["unit"] == "dateTimeFromNow"
-    (refresh,) = [link for link in dashboard["links"] if link["title"] == "Refresh"]
-    assert refresh["url"] == "/d/jobstats-overview/background-jobs"
+
+
+def test_no_refresh_link_that_reloads_nothing(dashboard: dict[str, Any]) -> None:
+    # A link to the dashboard already open re-runs no query; Grafana's own button does.
+    assert not [link for link in dashboard.get("links", []) if link["title"] == "Refresh"]
+    intro = next(p for p in dashboard["panels"] if p["type"] == "text")
+    assert "refresh button" in intro["options"]["content"]
 
 
 def test_redis_panel_is_blue_with_enabled_and_available(dashboard: dict[str, Any]) -> None:
     redis = panel(dashboard, "Redis status")
     assert redis["fieldConfig"]["defaults"]["color"] == {"fixedColor": "blue", "mode": "fixed"}
     assert mapped(redis, "A") == {"1": ("Enabled", "blue"), "0": ("Disabled", "blue")}
-    assert mapped(redis, "B") == {"1": ("Available", "blue"), "0": ("Unavailable", "red")}
+    assert mapped(redis, "B") == {
+        "1": ("Available", "blue"),
+        "2": ("Availability not reported", "#8e8e8e"),
+        "3": ("Unavailable", "red"),
+    }
+    assert redis["fieldConfig"]["defaults"]["noValue"] == "Unknown"
 
 
 def test_queue_block_repeats_per_queue_two_per_row(dashboard: dict[str, Any]) -> None:
@@ -154,6 +173,28 @@ def test_summary_has_system_status_and_total_completed(dashboard: dict[str, Any]
     assert mapped(summary, "SYSTEM") == {"1": ("Healthy", "green"), "0": ("Needs attention", "red")}
 
 
+def test_firing_alerts_table_shows_labels_not_series_plumbing(dashboard: dict[str, Any]) -> None:
+    alerts = panel(dashboard, "Firing JobStats alerts")
+    (target,) = alerts["targets"]
+    assert 'instance=~"$instance|"' in target["expr"]
+    (organize,) = alerts["transformations"]
+    assert organize["id"] == "organize"
+    hidden = {name for name, hide in organize["options"]["excludeByName"].items() if hide}
+    assert hidden == {"Time", "Value", "__name__", "alertstate", "job"}
+    assert organize["options"]["indexByName"]["alertname"] == 0
+
+
+def test_exporter_queries_follow_the_job_variable(dashboard: dict[str, Any]) -> None:
+    exprs = [t["expr"] for p in panels(dashboard) for t in p.get("targets", [])]
+    reading_up = [e for e in exprs if re.search(r"\b(up|scrape_duration_seconds)\{", e)]
+    assert len(reading_up) >= 4
+    for expr in reading_up:
+        assert 'job="$job"' in expr
+    assert not [e for e in exprs if 'job="jobstats"' in e]
+    (job,) = [v for v in dashboard["templating"]["list"] if v["name"] == "job"]
+    assert job["current"]["value"] == "jobstats"
+
+
 def test_history_panels_exist(dashboard: dict[str, Any]) -> None:
     titles = {p.get("title") for p in panels(dashboard)}
     assert {
@@ -164,6 +205,7 @@ def test_history_panels_exist(dashboard: dict[str, Any]) -> None:
         "Waiting backlog",
         "Availability",
         "Scrape duration",
+        "Failed scrapes per minute, by reason",
         "Firing JobStats alerts",
     } <= titles
 
@@ -209,14 +251,17 @@ def test_every_datasource_reference_resolves_to_the_provisioned_uid(
         assert resolve(ref) == source["uid"]
 
 
-def test_variables_are_datasource_instance_and_multi_value_queue(dashboard: dict[str, Any]) -> None:
+def test_variables_are_datasource_job_instance_and_multi_value_queue(
+    dashboard: dict[str, Any],
+) -> None:
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
-    assert list(variables) == ["datasource", "instance", "queue"]
+    assert list(variables) == ["datasource", "job", "instance", "queue"]
     queue = variables["queue"]
     assert queue["multi"] is True
     assert queue["includeAll"] is True
     assert queue["current"]["value"] == ["$__all"]
-    assert "label_values(jobstats_queue_jobs" in queue["query"]
+    # The queues of the answer now, not of the last 6 hours.
+    assert queue["query"].startswith("query_result(")
 
 
 def test_no_query_uses_a_job_label_for_queues(dashboard: dict[str, Any]) -> None:
@@ -235,12 +280,17 @@ def test_provisioning_points_at_the_dashboards() -> None:
     assert entry["options"]["path"] == "/var/lib/grafana/dashboards"
 
 
-# --- Every query on live data -------------------------------------------------------------
+# --- Every query on live data, evaluated as Grafana evaluates it -------------------------
 
 #: A query allowed to return nothing: it lists firing alerts, none when all is well.
 MAY_BE_EMPTY = {"Firing JobStats alerts"}
-#: The demo's queues (exporter/demo.py).
-DEMO_QUEUES = ("emails", "inventory", "product")
+#: The dashboard's time range, as Grafana writes $__range.
+RANGE_SECONDS = 6 * 3600
+#: What Grafana writes for $__rate_interval and $__interval at that range.
+RATE_INTERVAL = "1m"
+INTERVAL = "15s"
+#: Longest wait for Prometheus to see what a scenario's API now answers.
+SETTLE_SECONDS = 60.0
 
 
 def regex_escape(value: str) -> str:
@@ -248,34 +298,122 @@ def regex_escape(value: str) -> str:
     return re.sub(r"([\\^$.|?*+()\[\]{}])", r"\\\\\1", value)
 
 
-def substituted(expr: str, instance: str, queue: str) -> str:
-    """`expr` with the dashboard variables set as Grafana sets them."""
-    return (
-        expr.replace("$instance", instance)
-        .replace("$queue", queue)
-        .replace("$__rate_interval", "1m")
-        .replace("$__interval", "15s")
-    )
+def regex_of(values: Sequence[str]) -> str:
+    """A multi-value variable as Grafana writes it into a regex matcher: `(a|b)`."""
+    escaped = [regex_escape(v) for v in values]
+    return escaped[0] if len(escaped) == 1 else "(" + "|".join(escaped) + ")"
 
 
-def live_queries(dashboard: dict[str, Any], instance: str) -> list[tuple[str, str, str]]:
+def js_regex(text: str) -> re.Pattern[str]:
+    """A variable's `/pattern/` regex option as Python reads it."""
+    match = re.fullmatch(r"/(.*)/", text)
+    assert match, text
+    return re.compile(match[1])
+
+
+class Board:
+    """The dashboard as Grafana shows it for some exporters, asked of a real Prometheus.
+
+    Variables are set as Grafana sets them: `job` its default, `instance` the exporters
+    given, `queue` All of what its own query returns; `label_values` reads the series of
+    the dashboard's time range, `query_result` evaluates at now.
+    """
+
+    def __init__(self, dashboard: dict[str, Any], port: int, instances: Sequence[str]) -> None:
+        self.dashboard = dashboard
+        self.port = port
+        self.values = {"job": "jobstats", "instance": regex_of(instances)}
+
+    def substituted(self, expr: str, queue: str | None = None) -> str:
+        values = {
+            **self.values,
+            "queue": queue if queue is not None else self.queue_regex(),
+            "__range": f"{RANGE_SECONDS}s",
+            "__rate_interval": RATE_INTERVAL,
+            "__interval": INTERVAL,
+        }
+        # Longest names first: $__rate_interval before $__range, $instance before...
+        for name in sorted(values, key=len, reverse=True):
+            expr = expr.replace(f"${name}", values[name])
+        return expr
+
+    def variable(self, name: str) -> list[str]:
+        """The values the variable's own query lists now, sorted as the dashboard sorts them."""
+        (found,) = [v for v in self.dashboard["templating"]["list"] if v["name"] == name]
+        query = self.substituted(found["query"], queue=".*")
+        label_values = re.fullmatch(r"label_values\((.+), (\w+)\)", query)
+        if label_values:
+            now = time.time()
+            return sorted(
+                prometheus_label_values(
+                    self.port, label_values[2], label_values[1], now - RANGE_SECONDS, now
+                )
+            )
+        query_result = re.fullmatch(r"query_result\((.+)\)", query)
+        assert query_result, query
+        pattern = js_regex(found["regex"])
+        now_ms = time.time() * 1000
+        lines = [
+            f"{r['metric'].get('__name__', '')}{{"
+            + ",".join(f'{k}="{v}"' for k, v in r["metric"].items() if k != "__name__")
+            + f"}} {r['value'][1]} {now_ms:.0f}"
+            for r in prometheus_query(self.port, query_result[1])
+        ]
+        return sorted({m[1] for line in lines if (m := pattern.search(line))})
+
+    def queue_regex(self) -> str:
+        queues = self.variable("queue")
+        # With no queue Grafana's All is an empty group, which matches no queue label.
+        return regex_of(queues) if queues else "()"
+
+    def exprs(self, title: str, queue: str | None = None) -> dict[str, str]:
+        """Each query of the panel, by ref; a repeated panel's copy for `queue`."""
+        found = panel(self.dashboard, title)
+        value = regex_escape(queue) if queue is not None else None
+        return {t["refId"]: self.substituted(t["expr"], value) for t in found.get("targets", [])}
+
+    def series(self, title: str, ref: str = "A", queue: str | None = None) -> list[Series]:
+        """What the query answers now: (labels, value) of each series."""
+        expr = self.exprs(title, queue)[ref]
+        return [
+            (dict(r["metric"]), float(r["value"][1])) for r in prometheus_query(self.port, expr)
+        ]
+
+    def value(self, title: str, ref: str = "A", queue: str | None = None) -> float | None:
+        """The one value a big-value query shows now; None for the panel's "No value"."""
+        answer = self.series(title, ref, queue)
+        assert len(answer) <= 1, answer
+        return answer[0][1] if answer else None
+
+    def shown(self, title: str, ref: str = "A", queue: str | None = None) -> str | None:
+        """The value as the stat panel words it: its mapping's text, else the number."""
+        value = self.value(title, ref, queue)
+        if value is None:
+            return None
+        try:
+            texts = {
+                key: text for key, (text, _) in mapped(panel(self.dashboard, title), ref).items()
+            }
+        except AssertionError:
+            texts = {}
+        return texts.get(f"{value:g}", f"{value:g}")
+
+    def firing(self) -> set[str]:
+        return {labels["alertname"] for labels, _ in self.series("Firing JobStats alerts")}
+
+
+Series = tuple[dict[str, str], float]
+
+
+def live_queries(board: Board, queues: Sequence[str]) -> list[tuple[str, str, str]]:
     """(panel title, query ref, PromQL) of every panel; a repeated panel once per queue."""
-    all_queues = "(" + "|".join(regex_escape(q) for q in DEMO_QUEUES) + ")"
     found = []
-    for p in panels(dashboard):
-        queues = DEMO_QUEUES if p.get("repeat") == "queue" else (None,)
-        for queue in queues:
-            value = regex_escape(queue) if queue else all_queues
+    for p in panels(board.dashboard):
+        repeated: Sequence[str | None] = queues if p.get("repeat") == "queue" else (None,)
+        for queue in repeated:
             title = p["title"].replace("$queue", queue or "")
-            for target in p.get("targets", []):
-                found.append((title, target["refId"], substituted(target["expr"], instance, value)))
-    for variable in dashboard["templating"]["list"]:
-        if variable["type"] == "query":
-            # label_values(selector, label) lists the label's values of the selector's series.
-            match = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["query"])
-            assert match, variable["query"]
-            expr = f"count by ({match[2]}) ({match[1]})"
-            found.append((f"variable {variable['name']}", "", substituted(expr, instance, ".*")))
+            for ref, expr in board.exprs(p["title"], queue).items():
+                found.append((title, ref, expr))
     return found
 
 
@@ -293,8 +431,16 @@ def test_every_panel_query_returns_data_from_the_demo(
             prometheus_port=prometheus_port,
         )
         with running_prometheus(config, tmp_path / "prometheus", prometheus_port):
-            instance = regex_escape(f"{HOST}:{exporter.port}")
-            queries = live_queries(dashboard, instance)
+            board = Board(dashboard, prometheus_port, [f"{HOST}:{exporter.port}"])
+            poll(
+                lambda: board.variable("queue"),
+                lambda queues: queues == sorted(DEMO_QUEUES),
+                SETTLE_SECONDS,
+                "the queue variable to list the demo's queues",
+            )
+            assert board.variable("job") == ["jobstats"]
+            assert board.variable("instance") == [f"{HOST}:{exporter.port}"]
+            queries = live_queries(board, DEMO_QUEUES)
             assert len(queries) > 30
 
             def empty() -> list[str]:
@@ -309,3 +455,369 @@ def test_every_panel_query_returns_data_from_the_demo(
             for title, _, expr in queries:
                 if title in MAY_BE_EMPTY:
                     prometheus_query(prometheus_port, expr)
+            assert board.shown("Summary", "SYSTEM") in ("Healthy", "Needs attention")
+
+
+#: The demo's queues (exporter/demo.py).
+DEMO_QUEUES = ("emails", "inventory", "product")
+
+
+# --- Bad days -----------------------------------------------------------------------------
+#
+# Scenario by scenario, a fake stats API answers what a bad day answers, an exporter reads
+# it and one Prometheus (with the shipped rules, shortened) scrapes every exporter. Each
+# scenario looks at its own exporters through the `instance` variable, and compares the
+# dashboard's System status with what `check` prints for the same answer.
+
+SCENARIOS = (
+    "api_down",
+    "queue_leaves",
+    "invalid_cron",
+    "overdue_active",
+    "overdue_paused",
+    "malformed",
+    "redis_unreported",
+    "pair_a",
+    "pair_b",
+)
+
+
+def queue_entry(
+    *,
+    status: str = "active",
+    completed: int = 5,
+    failed: int = 1,
+    cron: str | None = "*/6 * * * *",
+    next_run_in: float = 300.0,
+) -> dict[str, Any]:
+    """One queue of a stats answer; its next run `next_run_in` seconds from now."""
+    entry: dict[str, Any] = {
+        "waiting": 0,
+        "active": 0,
+        "completed": completed,
+        "failed": failed,
+        "delayed": 0,
+        "status": status,
+    }
+    if cron is not None:
+        entry["recurringJobs"] = {
+            "count": 1,
+            "nextRun": round((time.time() + next_run_in) * 1000),
+            "cron": cron,
+        }
+    return entry
+
+
+def stats_body(queues: dict[str, Any], redis_available: bool | None = True) -> bytes:
+    document: dict[str, Any] = {"success": True, "stats": {**queues, "redisStatus": "enabled"}}
+    if redis_available is not None:
+        document["redisAvailable"] = redis_available
+    return json.dumps(document).encode()
+
+
+def card_says(body: bytes) -> str:
+    """The system status `jobstats-exporter check` prints for this answer."""
+    card = render_card(parse_stats(body), time.time(), CronSchedules(), "test")
+    match = re.search(r"^System: (healthy|needs attention);", card, re.MULTILINE)
+    assert match, card
+    return match[1]
+
+
+class Scenario:
+    """One exporter of the stack, the fake API it reads, and what it answers now."""
+
+    def __init__(self, api: FakeStatsApi, exporter: ExporterProcess) -> None:
+        self.api = api
+        self.exporter = exporter
+        self.body = b""
+
+    @property
+    def instance(self) -> str:
+        return f"{HOST}:{self.exporter.port}"
+
+    def answer(self, body: bytes) -> None:
+        self.body = body
+        self.api.answer(Answer(body=body))
+
+
+@dataclass
+class Stack:
+    prometheus_port: int
+    scenarios: dict[str, Scenario]
+
+    def board(self, dashboard: dict[str, Any], *names: str) -> Board:
+        return Board(dashboard, self.prometheus_port, [self.scenarios[n].instance for n in names])
+
+
+def scrape_all(config: Path, ports: Sequence[int], *, rules: bool = True) -> Path:
+    """The test Prometheus config, scraping every exporter of `ports`; without the rules."""
+    document = yaml.safe_load(config.read_text(encoding="utf-8"))
+    (scrape,) = [s for s in document["scrape_configs"] if s["job_name"] == "jobstats"]
+    scrape["static_configs"] = [{"targets": [f"{HOST}:{port}" for port in ports]}]
+    if not rules:
+        document["rule_files"] = []
+    config.write_text(yaml.safe_dump(document, sort_keys=False), encoding="utf-8")
+    return config
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    require_tool("prometheus")
+    directory = tmp_path_factory.mktemp("bad-days")
+    healthy = stats_body({"inventory": queue_entry()})
+    with ExitStack() as stack:
+        scenarios = {}
+        for name in SCENARIOS:
+            api = stack.enter_context(FakeStatsApi(Answer(body=healthy)))
+            exporter = stack.enter_context(
+                running_exporter(["--api.url", api.url, "--api.timeout", "1s"], directory)
+            )
+            scenarios[name] = Scenario(api, exporter)
+            scenarios[name].body = healthy
+        prometheus_port = free_port()
+        config = write_prometheus_config(
+            directory,
+            exporter_port=0,
+            alertmanager_port=free_port(),
+            prometheus_port=prometheus_port,
+        )
+        scrape_all(config, [s.exporter.port for s in scenarios.values()])
+        stack.enter_context(running_prometheus(config, directory / "prometheus", prometheus_port))
+        yield Stack(prometheus_port, scenarios)
+
+
+def settle(fetch: Callable[[], _T], done: Callable[[_T], bool], what: str) -> _T:
+    return poll(fetch, done, SETTLE_SECONDS, what)
+
+
+def system_status(board: Board) -> str | None:
+    shown = board.shown("Summary", "SYSTEM")
+    return shown.lower() if shown is not None else None
+
+
+@pytest.mark.integration
+def test_api_down_freezes_last_updated_and_needs_attention(
+    dashboard: dict[str, Any], stack: Stack
+) -> None:
+    scenario = stack.scenarios["api_down"]
+    board = stack.board(dashboard, "api_down")
+    settle(lambda: system_status(board), lambda s: s == "healthy", "a healthy start")
+    down_since = time.time()
+    scenario.api.answer(Answer(status=503, body=b"Service Unavailable\n"))
+    settle(lambda: board.value("Summary", "API"), lambda v: v == 0, "Stats API to fail")
+    last_updated = board.value("Last updated")
+    assert last_updated is not None
+    assert last_updated / 1000 <= down_since
+
+    def failed_scrapes() -> float:
+        (answer,) = prometheus_query(
+            stack.prometheus_port,
+            f'jobstats_scrape_errors_total{{instance="{scenario.instance}",reason="http_status"}}',
+        )
+        return float(answer["value"][1])
+
+    seen = failed_scrapes()
+    settle(failed_scrapes, lambda count: count >= seen + 3, "three more failed scrapes")
+    assert board.value("Last updated") == last_updated
+    assert system_status(board) == "needs attention"
+    assert board.shown("Summary", "API") == "Failing"
+    assert board.shown("Summary", "EXPORTER") == "Up"
+    # Unknown (the panels' no value), not a reassuring 0.
+    for ref in ("NOT_ACTIVE", "OVERDUE", "INVALID", "COMPLETED"):
+        assert board.value("Summary", ref) is None, ref
+    assert board.value("Redis status", "A") is None
+    assert board.value("Redis status", "B") is None
+    # The queues last seen stay listed, their history one click away.
+    assert board.variable("queue") == ["inventory"]
+    reasons = {labels["reason"]: value for labels, value in board.series(FAILED_SCRAPES)}
+    assert reasons["http_status"] > 0
+    assert reasons["connect"] == 0
+
+
+FAILED_SCRAPES = "Failed scrapes per minute, by reason"
+
+
+@pytest.mark.integration
+def test_a_queue_that_leaves_the_answer_leaves_the_queue_variable(
+    dashboard: dict[str, Any], stack: Stack
+) -> None:
+    scenario = stack.scenarios["queue_leaves"]
+    board = stack.board(dashboard, "queue_leaves")
+    scenario.answer(stats_body({"inventory": queue_entry(), "product": queue_entry()}))
+    settle(lambda: board.variable("queue"), lambda q: q == ["inventory", "product"], "two queues")
+    scenario.answer(stats_body({"inventory": queue_entry()}))
+    settle(lambda: board.variable("queue"), lambda q: q == ["inventory"], "product to leave")
+    # What the variable read before: the series of the last 6 hours still name product.
+    now = time.time()
+    selector = f'jobstats_queue_jobs{{instance="{scenario.instance}"}}'
+    assert "product" in prometheus_label_values(
+        stack.prometheus_port, "queue", selector, now - RANGE_SECONDS, now
+    )
+    assert board.value("$queue", "WAITING", queue="product") is None
+
+
+@pytest.mark.integration
+def test_an_invalid_cron_shows_its_words_not_nothing(
+    dashboard: dict[str, Any], stack: Stack
+) -> None:
+    scenario = stack.scenarios["invalid_cron"]
+    board = stack.board(dashboard, "invalid_cron")
+    scenario.answer(
+        stats_body({"inventory": queue_entry(), "product": queue_entry(cron="61 * * * *")})
+    )
+    settle(lambda: board.variable("queue"), lambda q: q == ["inventory", "product"], "two queues")
+    (labels, value), *rest = settle(
+        lambda: board.series("$queue", "SCHEDULE", queue="product"),
+        lambda series: bool(series),
+        "the schedule of product",
+    )
+    assert not rest
+    assert labels == {"cron": "61 * * * *", "schedule": "invalid cron pattern"}
+    assert value == 0
+    assert board.shown("$queue", "SCHEDULE", queue="product") == "invalid cron pattern"
+    assert "61 * * * * (invalid cron pattern)" in render_card(
+        parse_stats(scenario.body), time.time(), CronSchedules(), "test"
+    )
+    assert board.series("$queue", "SCHEDULE", queue="inventory") == [
+        ({"cron": "*/6 * * * *", "schedule": "Every 6 minutes"}, 360.0)
+    ]
+    assert system_status(board) == card_says(scenario.body) == "healthy"
+
+
+@pytest.mark.integration
+def test_an_overdue_schedule_on_an_active_queue_needs_attention(
+    dashboard: dict[str, Any], stack: Stack
+) -> None:
+    scenario = stack.scenarios["overdue_active"]
+    board = stack.board(dashboard, "overdue_active")
+    scenario.answer(stats_body({"inventory": queue_entry(next_run_in=-600)}))
+    settle(
+        lambda: board.value("$queue", "OVERDUE", queue="inventory"),
+        lambda v: v is not None and v >= 600,
+        "inventory to be 10 minutes overdue",
+    )
+    assert board.value("Summary", "OVERDUE") == 1
+    assert board.value("Summary", "NOT_ACTIVE") == 0
+    assert system_status(board) == card_says(scenario.body) == "needs attention"
+    settle(board.firing, lambda names: "JobStatsRecurringJobOverdue" in names, "the overdue alert")
+
+
+@pytest.mark.integration
+def test_an_overdue_schedule_on_a_paused_queue_needs_attention(
+    dashboard: dict[str, Any], stack: Stack
+) -> None:
+    scenario = stack.scenarios["overdue_paused"]
+    board = stack.board(dashboard, "overdue_paused")
+    scenario.answer(stats_body({"inventory": queue_entry(status="paused", next_run_in=-600)}))
+    settle(
+        lambda: board.shown("$queue", "STATUS", queue="inventory"),
+        lambda shown: shown == "Paused",
+        "inventory to be paused",
+    )
+    value = board.value("$queue", "OVERDUE", queue="inventory")
+    assert value is not None
+    assert value >= 600
+    assert board.value("Summary", "OVERDUE") == 1
+    assert board.value("Summary", "NOT_ACTIVE") == 1
+    assert system_status(board) == card_says(scenario.body) == "needs attention"
+    settle(board.firing, lambda names: "JobStatsQueueNotActive" in names, "the not-active alert")
+
+
+@pytest.mark.integration
+def test_a_malformed_queue_needs_attention(dashboard: dict[str, Any], stack: Stack) -> None:
+    scenario = stack.scenarios["malformed"]
+    board = stack.board(dashboard, "malformed")
+    broken = queue_entry() | {"failed": "abc"}
+    scenario.answer(stats_body({"inventory": queue_entry(), "product": broken}))
+    settle(
+        lambda: board.value("Summary", "INVALID"), lambda v: v == 1, "one skipped malformed queue"
+    )
+    assert "skipped malformed queue" in render_card(
+        parse_stats(scenario.body), time.time(), CronSchedules(), "test"
+    )
+    assert system_status(board) == card_says(scenario.body) == "needs attention"
+    assert board.variable("queue") == ["inventory"]
+
+
+@pytest.mark.integration
+def test_redis_availability_not_reported_says_so_and_stays_healthy(
+    dashboard: dict[str, Any], stack: Stack
+) -> None:
+    scenario = stack.scenarios["redis_unreported"]
+    board = stack.board(dashboard, "redis_unreported")
+    scenario.answer(stats_body({"inventory": queue_entry()}, redis_available=None))
+    settle(
+        lambda: board.shown("Redis status", "B"),
+        lambda shown: shown == "Availability not reported",
+        "the connection to say it is not reported",
+    )
+    assert "availability not reported" in render_card(
+        parse_stats(scenario.body), time.time(), CronSchedules(), "test"
+    )
+    assert board.shown("Redis status", "A") == "Enabled"
+    assert system_status(board) == card_says(scenario.body) == "healthy"
+
+
+@pytest.mark.integration
+def test_two_exporters_show_the_worst_and_one_failure_ratio(
+    dashboard: dict[str, Any], stack: Stack
+) -> None:
+    first, second = stack.scenarios["pair_a"], stack.scenarios["pair_b"]
+    pair = stack.board(dashboard, "pair_a", "pair_b")
+    quiet = stats_body({"emails": queue_entry(completed=0, failed=0)})
+    for scenario in (first, second):
+        scenario.answer(quiet)
+    ratio_rules = (
+        "queue:jobstats_failed_jobs:new30m"
+        f'{{instance=~"{pair.values["instance"]}",queue="emails"}} == 0'
+    )
+    settle(
+        lambda: prometheus_query(stack.prometheus_port, ratio_rules),
+        lambda answer: len(answer) == 2,
+        "both exporters to have counted no failure",
+    )
+    # An HA pair: the same API answer behind both, one job failed of three finished.
+    busy = stats_body({"emails": queue_entry(completed=2, failed=1)})
+    first.answer(busy)
+    second.answer(stats_body({"emails": queue_entry(completed=2, failed=1)}, False))
+
+    def ratio() -> list[Series]:
+        return pair.series("Failure ratio (30 min)")
+
+    settle(ratio, lambda series: [v for _, v in series] == [pytest.approx(1 / 3)], "a 1/3 ratio")
+    # One exporter whose backend lost Redis is not hidden by the healthy one.
+    assert pair.shown("Redis status", "B") == "Unavailable"
+    assert pair.shown("Redis status", "A") == "Enabled"
+    assert card_says(first.body) == "healthy"
+    assert card_says(second.body) == "needs attention"
+    assert system_status(pair) == "needs attention"
+    assert system_status(stack.board(dashboard, "pair_a")) == "healthy"
+
+
+@pytest.mark.integration
+def test_without_the_recording_rules_the_rule_panels_say_no_data(
+    dashboard: dict[str, Any], stack: Stack, tmp_path: Path
+) -> None:
+    scenario = stack.scenarios["redis_unreported"]
+    prometheus_port = free_port()
+    config = write_prometheus_config(
+        tmp_path, exporter_port=0, alertmanager_port=free_port(), prometheus_port=prometheus_port
+    )
+    scrape_all(config, [scenario.exporter.port], rules=False)
+    with running_prometheus(config, tmp_path / "prometheus", prometheus_port):
+        board = Board(dashboard, prometheus_port, [scenario.instance])
+        settle(lambda: board.variable("queue"), lambda queues: queues == ["inventory"], "the queue")
+        settle(
+            lambda: board.value("$queue", "FAILED", queue="inventory"),
+            lambda value: value is not None,
+            "the failed count",
+        )
+        for title in (
+            "New failed jobs per minute",
+            "Failure ratio (30 min)",
+            "Throughput: completed jobs per minute",
+        ):
+            assert board.series(title) == [], title
+            assert (
+                "recording rules" in panel(dashboard, title)["fieldConfig"]["defaults"]["noValue"]
+            )
