@@ -307,12 +307,16 @@ def alertmanager(
         yield process
 
 
-def synthetic(alertname: str, instance: str, queue: str | None = None) -> dict[str, Any]:
+def synthetic(
+    alertname: str, instance: str, queue: str | None = None, source: str | None = None
+) -> dict[str, Any]:
     """An alert as Prometheus would send it from the shipped rules, firing for 10 minutes."""
     labels = {"alertname": alertname, "instance": instance, "job": "jobstats"}
     labels["severity"] = SEVERITY[alertname]
     if queue is not None:
         labels["queue"] = queue
+    if source is not None:
+        labels["source"] = source
     now = datetime.now(UTC)
     return {
         "labels": labels,
@@ -323,8 +327,9 @@ def synthetic(alertname: str, instance: str, queue: str | None = None) -> dict[s
     }
 
 
-#: (alertname, instance key, queue): instance keys become names unique to each test.
-Ref = tuple[str, str, str | None]
+#: (alertname, instance key, queue[, source]): instance keys become names unique to each
+#: test; `source` is the failed-job alerts' count source, events or retained.
+Ref = tuple[str, str, str | None] | tuple[str, str, str | None, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -352,8 +357,8 @@ INHIBITIONS = {
     "api_down_mutes_queue_alerts_and_redis": Inhibition(
         source=("JobStatsApiDown", "x", None),
         muted=(
-            ("JobStatsQueueFailedJobs", "x", "q"),
-            ("JobStatsQueueFailureRatioHigh", "x", "q"),
+            ("JobStatsQueueFailedJobs", "x", "q", "retained"),
+            ("JobStatsQueueFailureRatioHigh", "x", "q", "retained"),
             ("JobStatsQueueNotActive", "x", "q"),
             ("JobStatsQueueBacklog", "x", "q"),
             ("JobStatsRecurringJobOverdue", "x", "q"),
@@ -361,7 +366,21 @@ INHIBITIONS = {
             ("JobStatsInvalidQueuePayload", "x", None),
         ),
         # Not y's RedisUnavailable: it would mute y's queue alert itself.
-        kept=(("JobStatsQueueFailedJobs", "y", "q"), ("JobStatsRedisUnavailable", "z", None)),
+        kept=(
+            ("JobStatsQueueFailedJobs", "y", "q", "retained"),
+            ("JobStatsRedisUnavailable", "z", None),
+        ),
+    ),
+    "api_down_keeps_what_bullmq_redis_counts": Inhibition(
+        source=("JobStatsApiDown", "x", None),
+        muted=(("JobStatsQueueFailedJobs", "x", "q", "retained"),),
+        # Counted from BullMQ's Redis, they do not depend on the API: they keep telling.
+        kept=(
+            ("JobStatsQueueFailedJobs", "x", "r", "events"),
+            ("JobStatsQueueFailureRatioHigh", "x", "r", "events"),
+            ("JobStatsQueueJobsWaitingTooLong", "x", "q"),
+            ("JobStatsRedisSourceDown", "x", None),
+        ),
     ),
     "redis_unavailable_mutes_backlog_and_overdue": Inhibition(
         source=("JobStatsRedisUnavailable", "x", None),
@@ -396,10 +415,14 @@ def test_inhibition_of_the_shipped_config(
     test_id = request.node.callspec.id
 
     def find(alerts: list[dict[str, Any]], ref: Ref) -> dict[str, Any] | None:
-        alertname, key, queue = ref
+        alertname, key, queue, *source = ref
         wanted = {"alertname": alertname, "instance": f"{test_id}-{key}:9787"}
         found = [
-            a for a in alerts if labels_match(a, **wanted) and a["labels"].get("queue") == queue
+            a
+            for a in alerts
+            if labels_match(a, **wanted)
+            and a["labels"].get("queue") == queue
+            and a["labels"].get("source") == (source[0] if source else None)
         ]
         assert len(found) <= 1, found
         return found[0] if found else None
@@ -416,7 +439,10 @@ def test_inhibition_of_the_shipped_config(
     refs = (case.source, *case.muted, *case.kept)
     post_alerts(
         alertmanager.port,
-        [synthetic(name, f"{test_id}-{key}:9787", queue) for name, key, queue in refs],
+        [
+            synthetic(name, f"{test_id}-{key}:9787", queue, *source)
+            for name, key, queue, *source in refs
+        ],
     )
 
     alerts = poll(
