@@ -251,6 +251,8 @@ class Tailer:
         self._client_list_refused = False
         self._dropped_logged = 0
         self._inflight: asyncio.Future[Any] | None = None
+        #: Queues left out at the last discovery: (too long or same label, over max_queues).
+        self._left_out = (0, 0)
 
     @property
     def queues(self) -> bullmq.Queues:
@@ -309,17 +311,29 @@ class Tailer:
     async def _discover(self, client: Redis) -> None:
         found = await bullmq.discover_queues(client, self.source.prefix)
         usable = sorted(name for name in found if len(name) <= self.max_name_length)
-        if len(usable) > self.max_queues:
+        # Two queues must not share a label (a queue_names entry naming another queue's
+        # name): the first by name keeps it, the other is left out.
+        labels: dict[str, str] = {}
+        for name in usable:
+            labels.setdefault(self.source.label(name), name)
+        kept = sorted(labels.values())
+        left_out = (len(found) - len(kept), max(0, len(kept) - self.max_queues))
+        if left_out != self._left_out and any(left_out):
             log.warning(
-                "redis queues over the limit",
-                extra={"redis": self._where, "count": len(usable), "max_queues": self.max_queues},
+                "redis queues left out",
+                extra={
+                    "redis": self._where,
+                    "too_long_or_same_label": left_out[0],
+                    "over_max_queues": left_out[1],
+                },
             )
-            usable = usable[: self.max_queues]
-        new = [name for name in usable if name not in self._positions]
+        self._left_out = left_out
+        kept = kept[: self.max_queues]
+        new = [name for name in kept if name not in self._positions]
         if new:
             await self._attach(client, new, at_tail=not self._started)
-        for name in [name for name in self._positions if name not in found]:
-            # Obliterated: its counters stay (they are counters), its timings go.
+        for name in [name for name in self._positions if name not in kept]:
+            # Gone (obliterated): its counters stay (they are counters), its timings go.
             del self._positions[name]
             self.counts.forget(name)
         self._started = True

@@ -307,6 +307,8 @@ def _redis(
             raise ConfigError(f"{key}: expected a BullMQ queue name (no ':')")
         if not text:
             raise ConfigError(f"{key}: expected a non-empty queue label")
+        if any(text == label for _, label in queue_names):
+            raise ConfigError(f"{key}: the label {text!r} is given to another queue too")
         queue_names.append((name, text))
     interval = DEFAULT_DISCOVERY_INTERVAL
     if "discovery_interval" in fields:

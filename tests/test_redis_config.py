@@ -93,6 +93,10 @@ BAD_REDIS = [
     ("      url: redis://r\n      queue_names: [a]\n", "redis.queue_names: expected a mapping"),
     ("      url: redis://r\n      queue_names:\n        'a:b': x\n", "queue_names.a:b:"),
     ("      url: redis://r\n      discovery_interval: often\n", "discovery_interval (from"),
+    (
+        "      url: redis://r\n      queue_names:\n        a: x\n        b: x\n",
+        "queue_names.b: the label 'x' is given to another queue too",
+    ),
     ("      url: redis://r\n      tls:\n        ca_file: none.pem\n", "redis.tls.ca_file: cannot"),
 ]
 

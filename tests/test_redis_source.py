@@ -336,6 +336,25 @@ def test_queue_names_map_renames_the_label(
         assert not any(dict(labels).get("queue") == "inventory-sync" for _, labels in samples)
 
 
+def test_two_queues_never_share_a_label(
+    api: FakeStatsApi, server: RedisServer, driver: BullmqDriver, tmp_path: Path
+) -> None:
+    for queue in ("inventory", "inventory-sync"):
+        driver.open_queue(queue)
+        driver.add(queue, "x", {"ms": 1})
+    # inventory-sync is renamed to a name another queue already has.
+    config = write_config(
+        tmp_path, api, server, "      queue_names:\n        inventory-sync: inventory\n"
+    )
+    with running_exporter(["--config.file", str(config)], tmp_path) as exporter:
+        following(exporter, "inventory")
+        status, body = exporter.get("/metrics")
+        assert status == 200
+        text = body.decode()
+        assert text.count('jobstats_queue_jobs_completed_total{queue="inventory"}') == 1
+        wait_until(lambda: "redis queues left out" in exporter.stderr(), PATIENCE, "the log line")
+
+
 def acl_user(server: RedisServer, rules: str) -> None:
     client = redis.Redis(host="127.0.0.1", port=server.port)
     client.execute_command(f"ACL SETUSER monitoring on >{PASSWORD} ~bull:* resetchannels {rules}")
