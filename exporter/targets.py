@@ -299,7 +299,7 @@ def _redis(
     names = fields.get("queue_names", {})
     if not isinstance(names, dict):
         raise ConfigError(f"{where}.queue_names: expected a mapping of BullMQ names to labels")
-    queue_names = []
+    queue_names: list[tuple[str, str]] = []
     for name, label in names.items():
         key = f"{where}.queue_names.{_shown(name)}"
         text = _text(label, key, path)
