@@ -41,6 +41,8 @@ MAX_PENDING_JOBS = 50_000
 #: Entries read per stream per call: one call's reply stays small, and a full
 #: batch tells the tailer it is behind.
 READ_COUNT = 1000
+#: Entries one read may bring over every stream: with many queues, fewer per stream.
+READ_TOTAL = 50_000
 #: Milliseconds a read blocks when nothing happens; new queues join after at most this.
 BLOCK_MS = 2000
 #: Seconds between checks of every stream for entries trimmed before they were read.
@@ -369,14 +371,15 @@ class Tailer:
         streams: dict[Any, Any] = {
             key: self._positions[name].last_id for key, name in names.items()
         }
-        reply = await reader.xread(streams, count=READ_COUNT, block=BLOCK_MS)
+        count = max(10, min(READ_COUNT, READ_TOTAL // len(streams)))
+        reply = await reader.xread(streams, count=count, block=BLOCK_MS)
         for key, entries in _stream_replies(reply):
             name = names.get(key)
             position = self._positions.get(name) if name else None
             if name is None or position is None:
                 continue
             self._apply(name, position, entries)
-            if len(entries) >= READ_COUNT:
+            if len(entries) >= count:
                 position.suspect = True
 
     def _apply(self, name: str, position: _Position, entries: list[Any]) -> None:
