@@ -79,7 +79,7 @@ NO_RULES = "No data: are the recording rules of alerts/jobstats.rules.yml loaded
 #: The Redis source panels when empty: none configured, or it cannot be read right now.
 NO_REDIS_SOURCE = (
     "No data: no Redis source configured, or the exporter cannot read it now (see Redis source"
-    " above; the recording rules of alerts/jobstats.rules.yml must be loaded)"
+    " above)"
 )
 #: One exporter per job and queue, as the rules read it: an HA pair on one Redis is never
 #: added up (alerts/jobstats.rules.yml, queue:jobstats_event_counters:selected).
