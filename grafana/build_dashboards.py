@@ -76,6 +76,19 @@ OVERDUE = (
 )
 #: The rows below the card whose queries read the recording rules say so when empty.
 NO_RULES = "No data: are the recording rules of alerts/jobstats.rules.yml loaded?"
+#: The Redis source panels when empty: none configured, or it cannot be read right now.
+NO_REDIS_SOURCE = (
+    "No data: no Redis source configured, or the exporter cannot read it now (see Redis source"
+    " above)"
+)
+#: One exporter per job and queue, as the rules read it: an HA pair on one Redis is never
+#: added up (alerts/jobstats.rules.yml, queue:jobstats_event_counters:selected).
+SELECTED = "on (job, instance, queue) queue:jobstats_event_counters:selected"
+#: Only while the exporter reads Redis: its counters stand still meanwhile, and a rate of 0
+#: would say no job finished.
+READING_REDIS = "on (job, instance) (jobstats_redis_up == 1)"
+#: The percentiles of the wait and run time panels.
+PERCENTILES = (0.5, 0.95)
 
 # The admin card's colors.
 GRAY = "#8e8e8e"
@@ -96,6 +109,8 @@ CONNECTION_CODES = (
     (2, "Availability not reported", GRAY),
     (3, "Unavailable", "red"),
 )
+#: The exporter's own connection to BullMQ's Redis (jobstats_redis_up), as the panel words it.
+REDIS_SOURCE_CODES = ((1, "Up", "green"), (0, "Down", "red"), (2, "Not configured", GRAY))
 #: The card's system status words (exporter/card.py), as the big value shows them.
 HEALTHY, NEEDS_ATTENTION = "Healthy", "Needs attention"
 #: The value of the schedule stat for a cron pattern BullMQ cannot run: no period exists.
@@ -103,6 +118,8 @@ INVALID_CRON_VALUE = 0
 
 #: A section of the dashboard: its panels placed from row `top` down, and its height.
 Section = Callable[[int], tuple[list[Any], int]]
+#: A panel placed at row `top`.
+PanelAt = Callable[[int], Any]
 
 
 def query(expr: str, legend: str, ref: str = "A", instant: bool = False) -> prometheus.Dataquery:
@@ -434,6 +451,177 @@ def summary(top: int) -> tuple[list[Any], int]:
     return [panel], 4
 
 
+# --- The Redis source: every job from BullMQ's event streams ------------------------------
+
+
+def one_exporter(series: str, by: str = "queue", combine: str = "sum") -> str:
+    """`series` as one exporter per job and queue sees it, only while it reads Redis.
+
+    Two exporters on one Redis (an HA pair) each count every event: the exporters the rules
+    select (queue:jobstats_event_counters:selected, as the alerts read them) are combined,
+    which keeps two backends served by one exporter apart; where none of the instances shown
+    is selected (one replica picked, or the rules not loaded), the largest view is shown.
+    """
+    reading = f"{series} and {READING_REDIS}"
+    return f"{combine} by ({by}) ({reading} and {SELECTED}) or max by ({by}) ({reading})"
+
+
+def redis_source_status_expr() -> str:
+    """Per exporter 1 up, 0 down, the worst; 2 for a scraped exporter with no Redis source."""
+    return f"min(jobstats_redis_up{{{INSTANCE}}}) or 2 * max(up{{{JOB},{INSTANCE}}} == 1)"
+
+
+def missed_entries_expr() -> str:
+    """Stream entries trimmed before the selected exporters read them, in the time range."""
+    missed = f"increase(jobstats_queue_events_missed_total{{{QUEUE}}}[$__range])"
+    return f"sum({missed} and {SELECTED})"
+
+
+def redis_source_summary(top: int) -> stat.Panel:
+    return (
+        big_values("Redis source", GridPos(h=3, w=24, x=0, y=top))
+        .description(
+            "The exporter's own connection to BullMQ's Redis (jobstats_redis_up): Up, Down (its"
+            " counters stand still and the panels below show nothing rather than 0) or Not"
+            " configured (no redis section for the target); with several exporters, the worst."
+            " Missed entries: event stream entries trimmed before the exporter read them, in the"
+            " time range shown; above 0, the counts below are low."
+        )
+        .with_target(query(redis_source_status_expr(), "Redis source", "STATUS", True))
+        .override_by_query("STATUS", mapped_as(*REDIS_SOURCE_CODES))
+        .with_target(query(missed_entries_expr(), "Missed entries", "MISSED", True))
+        .override_by_query("MISSED", red_from(1))
+        .no_value("Unknown")
+    )
+
+
+def counted_jobs_per_minute(outcome: str, right: bool) -> PanelAt:
+    counter = f"jobstats_queue_jobs_{outcome}_total"
+
+    def build(top: int) -> timeseries.Panel:
+        return (
+            graph(
+                f"{outcome.capitalize()} jobs per minute (event counters)",
+                f"Every job that {outcome} per minute, per queue, counted from BullMQ's event"
+                f" stream ({counter}); exact however few jobs BullMQ retains. One exporter per"
+                " queue (queue:jobstats_event_counters:selected): an HA pair on the same Redis"
+                " counts every job once. A gap while the exporter cannot read Redis.",
+                half(top, right),
+            )
+            .with_target(
+                query(
+                    one_exporter(f"rate({counter}{{{QUEUE}}}[$__rate_interval]) * 60"),
+                    "{{queue}}",
+                )
+            )
+            .unit("suffix:/min")
+            .min(0)
+            .color_scheme(FieldColorBuilder().mode(FieldColorModeId.PALETTE_CLASSIC))
+            .no_value(NO_REDIS_SOURCE)
+            .draw_style(GraphDrawStyle.BARS if outcome == "failed" else GraphDrawStyle.LINE)
+            .fill_opacity(60 if outcome == "failed" else 10)
+        )
+
+    return build
+
+
+def percentile_expr(histogram: str, quantile: float, by: str) -> str:
+    """The `quantile` of `histogram` over $__rate_interval; nothing where no job was timed."""
+    buckets = f"rate({histogram}_bucket{{{QUEUE}}}[$__rate_interval])"
+    return f"histogram_quantile({quantile:g}, {one_exporter(buckets, f'{by}, le')}) >= 0"
+
+
+def percentiles(title: str, description: str, histogram: str, by: str, legend: str) -> PanelAt:
+    def build(top: int) -> timeseries.Panel:
+        panel = graph(title, description, half(top, right=histogram.endswith("run_seconds")))
+        for quantile in PERCENTILES:
+            panel = panel.with_target(
+                query(
+                    percentile_expr(histogram, quantile, by),
+                    f"{legend} p{quantile * 100:g}",
+                    f"P{quantile * 100:g}",
+                )
+            )
+        return panel.unit("s").min(0).no_value(NO_REDIS_SOURCE)
+
+    return build
+
+
+wait_percentiles = percentiles(
+    "Wait time p50 / p95 (event streams)",
+    "How long jobs waited from ready to active, per queue: the 50th and 95th percentile of"
+    " jobstats_queue_job_wait_seconds over the graph's rate interval (buckets 0.005 s to 1 h)."
+    " A gap where no job started, or while the exporter cannot read Redis.",
+    "jobstats_queue_job_wait_seconds",
+    "queue",
+    "{{queue}}",
+)
+run_percentiles = percentiles(
+    "Run time p50 / p95 (event streams)",
+    "How long an attempt ran, per queue and outcome (completed; failed, retried attempts"
+    " included): the 50th and 95th percentile of jobstats_queue_job_run_seconds over the"
+    " graph's rate interval (buckets 0.005 s to 1 h). A gap where no attempt ended, or while"
+    " the exporter cannot read Redis.",
+    "jobstats_queue_job_run_seconds",
+    "queue, outcome",
+    "{{queue}} {{outcome}}",
+)
+
+
+def oldest_waiting(top: int) -> timeseries.Panel:
+    return (
+        graph(
+            "Oldest waiting job",
+            "Age of the job that has waited longest per queue (wait list and prioritized; 0 when"
+            " none waits), read from Redis at each scrape. JobStatsQueueJobsWaitingTooLong fires"
+            " above 600 s. A gap while the exporter cannot read Redis.",
+            half(top),
+        )
+        .with_target(
+            query(
+                one_exporter(
+                    f"jobstats_queue_oldest_waiting_job_age_seconds{{{QUEUE}}}", combine="max"
+                ),
+                "{{queue}}",
+            )
+        )
+        .unit("s")
+        .min(0)
+        .no_value(NO_REDIS_SOURCE)
+    )
+
+
+def workers(top: int) -> timeseries.Panel:
+    return (
+        graph(
+            "Workers",
+            "BullMQ workers connected per queue (their named connections in Redis' CLIENT LIST)."
+            " 0 means no worker takes jobs. A gap while the exporter cannot read Redis, or where"
+            " the server refuses CLIENT LIST.",
+            half(top, right=True),
+        )
+        .with_target(query(one_exporter(f"jobstats_queue_workers{{{QUEUE}}}"), "{{queue}}"))
+        .min(0)
+        .decimals(0)
+        .no_value(NO_REDIS_SOURCE)
+    )
+
+
+def redis_source(top: int) -> tuple[list[Any], int]:
+    """What the card never had, from BullMQ's event streams: a target's Redis source."""
+    panels: list[Any] = [row("Redis source: every job, from BullMQ's event streams", top)]
+    panels.append(redis_source_summary(top + 1))
+    y = top + 4
+    for pair in (
+        (counted_jobs_per_minute("failed", False), counted_jobs_per_minute("completed", True)),
+        (wait_percentiles, run_percentiles),
+        (oldest_waiting, workers),
+    ):
+        panels.extend(build(y) for build in pair)
+        y += 8
+    return panels, y - top
+
+
 # --- History ------------------------------------------------------------------------------
 
 
@@ -706,7 +894,14 @@ def queue_list_expr() -> str:
 
 
 #: The overview from the top down; a new row is one more function here.
-SECTIONS: tuple[Section, ...] = (header, redis_status, queue_block, summary, history)
+SECTIONS: tuple[Section, ...] = (
+    header,
+    redis_status,
+    queue_block,
+    summary,
+    redis_source,
+    history,
+)
 
 
 def overview() -> dict[str, Any]:

@@ -7,10 +7,12 @@ import json
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlencode
+from urllib.request import urlopen
 
 import pytest
 import yaml
@@ -27,6 +29,7 @@ from alerting_stack import (
     running_prometheus,
     write_prometheus_config,
 )
+from bullmq_stack import BullmqDriver, DriverError, RedisServer, running_driver, running_redis
 from upstream import HOST, Answer, ExporterProcess, FakeStatsApi, free_port, running_exporter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,6 +211,48 @@ def test_history_panels_exist(dashboard: dict[str, Any]) -> None:
         "Failed scrapes per minute, by reason",
         "Firing JobStats alerts",
     } <= titles
+
+
+#: The panels of the Redis source section, fed by a target's BullMQ Redis only.
+REDIS_SOURCE = "Redis source"
+FAILED_PER_MINUTE = "Failed jobs per minute (event counters)"
+COMPLETED_PER_MINUTE = "Completed jobs per minute (event counters)"
+WAIT_TIME = "Wait time p50 / p95 (event streams)"
+RUN_TIME = "Run time p50 / p95 (event streams)"
+OLDEST_WAITING = "Oldest waiting job"
+WORKERS = "Workers"
+REDIS_SOURCE_GRAPHS = (
+    FAILED_PER_MINUTE,
+    COMPLETED_PER_MINUTE,
+    WAIT_TIME,
+    RUN_TIME,
+    OLDEST_WAITING,
+    WORKERS,
+)
+
+
+def test_redis_source_panels_read_one_exporter_and_say_why_when_empty(
+    dashboard: dict[str, Any],
+) -> None:
+    status = panel(dashboard, REDIS_SOURCE)
+    assert mapped(status, "STATUS") == {
+        "1": ("Up", "green"),
+        "0": ("Down", "red"),
+        "2": ("Not configured", "#8e8e8e"),
+    }
+    for title in REDIS_SOURCE_GRAPHS:
+        found = panel(dashboard, title)
+        assert "no Redis source configured" in found["fieldConfig"]["defaults"]["noValue"], title
+        for target in found["targets"]:
+            # An HA pair never adds up, and a Redis that cannot be read is no 0.
+            assert "queue:jobstats_event_counters:selected" in target["expr"], title
+            assert "jobstats_redis_up == 1" in target["expr"], title
+    for title in (WAIT_TIME, RUN_TIME):
+        exprs = {t["refId"]: t["expr"] for t in panel(dashboard, title)["targets"]}
+        assert set(exprs) == {"P50", "P95"}
+        assert exprs["P50"].startswith("histogram_quantile(0.5, ")
+        assert exprs["P95"].startswith("histogram_quantile(0.95, ")
+        assert all("_bucket{" in e and "rate(" in e for e in exprs.values())
 
 
 def test_panel_ids_are_unique(dashboard: dict[str, Any]) -> None:
@@ -443,19 +488,39 @@ def test_every_panel_query_returns_data_from_the_demo(
             queries = live_queries(board, DEMO_QUEUES)
             assert len(queries) > 30
 
-            def empty() -> list[str]:
-                return [
-                    f"{title} [{ref}]: {expr}"
-                    for title, ref, expr in queries
-                    if title not in MAY_BE_EMPTY and not prometheus_query(prometheus_port, expr)
-                ]
-
-            # Parse errors raise at once; empty answers get until the rules have history.
-            poll(empty, lambda missing: not missing, 60.0, "every panel query to return data")
-            for title, _, expr in queries:
-                if title in MAY_BE_EMPTY:
-                    prometheus_query(prometheus_port, expr)
+            # The demo has no Redis source: those panels are checked apart, below.
+            api_queries = [
+                (title, ref, expr)
+                for title, ref, expr in queries
+                if title not in REDIS_SOURCE_GRAPHS and (title, ref) != (REDIS_SOURCE, "MISSED")
+            ]
+            poll_every_query_returns_data(prometheus_port, api_queries)
             assert board.shown("Summary", "SYSTEM") in ("Healthy", "Needs attention")
+            # What the card never had says so, rather than showing a flat 0.
+            assert board.shown(REDIS_SOURCE, "STATUS") == "Not configured"
+            assert board.value(REDIS_SOURCE, "MISSED") is None
+            for title in REDIS_SOURCE_GRAPHS:
+                for ref in board.exprs(title):
+                    assert board.series(title, ref) == [], title
+
+
+def poll_every_query_returns_data(
+    prometheus_port: int, queries: Sequence[tuple[str, str, str]]
+) -> None:
+    """Until every query but those of MAY_BE_EMPTY answers something; those must parse."""
+
+    def empty() -> list[str]:
+        return [
+            f"{title} [{ref}]: {expr}"
+            for title, ref, expr in queries
+            if title not in MAY_BE_EMPTY and not prometheus_query(prometheus_port, expr)
+        ]
+
+    # Parse errors raise at once; empty answers get until the rules have history.
+    poll(empty, lambda missing: not missing, 60.0, "every panel query to return data")
+    for title, _, expr in queries:
+        if title in MAY_BE_EMPTY:
+            prometheus_query(prometheus_port, expr)
 
 
 #: The demo's queues (exporter/demo.py).
@@ -821,3 +886,294 @@ def test_without_the_recording_rules_the_rule_panels_say_no_data(
             assert (
                 "recording rules" in panel(dashboard, title)["fieldConfig"]["defaults"]["noValue"]
             )
+
+
+# --- The Redis source, with the real thing ------------------------------------------------
+#
+# A real BullMQ (tests/bullmq, driven by bullmq_stack) on real redis-servers: an HA pair of
+# exporters on one Redis, and one exporter alone on another Redis that a test kills. One
+# Prometheus with the shipped rules scrapes the three; the stats API is a fake that names
+# the same queues, so the queue variable lists them.
+
+REDIS_QUEUES = ("inventory", "mail")
+
+
+def query_at(port: int, promql: str, at: float) -> list[Series]:
+    """The instant vector `promql` evaluates to at `at`: one moment for several queries."""
+    params = urlencode({"query": promql, "time": f"{at:.3f}"})
+    with urlopen(f"http://{HOST}:{port}/api/v1/query?{params}", timeout=10) as response:
+        answer = json.load(response)
+    return [(dict(r["metric"]), float(r["value"][1])) for r in answer["data"]["result"]]
+
+
+def redis_config(directory: Path, api: FakeStatsApi, server: RedisServer) -> Path:
+    """An exporter config whose one target reads `api` and the BullMQ Redis `server`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "jobstats.yml"
+    config.write_text(
+        "targets:\n"
+        "  - name: shop\n"
+        f"    url: {api.url}\n"
+        "    timeout: 2s\n"
+        "    redis:\n"
+        f"      url: {server.url}\n"
+        "      discovery_interval: 1s\n",
+        encoding="utf-8",
+    )
+    return config
+
+
+@dataclass
+class RedisStack:
+    prometheus_port: int
+    shared: RedisServer
+    shared_driver: BullmqDriver
+    lonely: RedisServer
+    lonely_driver: BullmqDriver
+    #: pair_a and pair_b read the shared Redis (pair_a started first), lonely the other.
+    exporters: dict[str, ExporterProcess]
+
+    def instance(self, name: str) -> str:
+        return f"{HOST}:{self.exporters[name].port}"
+
+    def board(self, dashboard: dict[str, Any], *names: str) -> Board:
+        return Board(dashboard, self.prometheus_port, [self.instance(n) for n in names])
+
+
+@pytest.fixture(scope="module")
+def redis_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisStack]:
+    require_tool("prometheus")
+    directory = tmp_path_factory.mktemp("redis-source")
+    body = stats_body({name: queue_entry() for name in REDIS_QUEUES})
+    with ExitStack() as stack:
+        api = stack.enter_context(FakeStatsApi(Answer(body=body)))
+        servers, drivers = {}, {}
+        for name in ("shared", "lonely"):
+            servers[name] = stack.enter_context(running_redis(directory / name / "redis"))
+            drivers[name] = stack.enter_context(
+                running_driver(servers[name].url, directory / name / "driver")
+            )
+            for queue in REDIS_QUEUES:
+                drivers[name].open_queue(queue)
+                # A queue exists in Redis from its first job; this one waits for a worker.
+                drivers[name].add(queue, "first", {"ms": 1})
+        exporters = {}
+        for name, server in (
+            ("pair_a", servers["shared"]),
+            ("pair_b", servers["shared"]),
+            ("lonely", servers["lonely"]),
+        ):
+            config = redis_config(directory / name, api, server)
+            exporters[name] = stack.enter_context(
+                running_exporter(["--config.file", str(config)], directory / name)
+            )
+        prometheus_port = free_port()
+        config = write_prometheus_config(
+            directory,
+            exporter_port=0,
+            alertmanager_port=free_port(),
+            prometheus_port=prometheus_port,
+        )
+        scrape_all(config, [e.port for e in exporters.values()])
+        stack.enter_context(running_prometheus(config, directory / "prometheus", prometheus_port))
+        # Every exporter follows every queue's stream before a test makes BullMQ run jobs.
+        followed = f'count(jobstats_queue_jobs_failed_total{{queue=~"{regex_of(REDIS_QUEUES)}"}})'
+        settle(
+            lambda: prometheus_query(prometheus_port, followed),
+            lambda answer: bool(answer) and answer[0]["value"][1] == str(2 * len(exporters)),
+            "every exporter to follow every queue",
+        )
+        yield RedisStack(
+            prometheus_port,
+            servers["shared"],
+            drivers["shared"],
+            servers["lonely"],
+            drivers["lonely"],
+            exporters,
+        )
+
+
+def by_queue(board: Board, title: str, ref: str = "A") -> dict[str, float]:
+    """A graph's values now, by queue (one series per queue)."""
+    found: dict[str, float] = {}
+    for labels, value in board.series(title, ref):
+        assert labels["queue"] not in found, f"{title}: two series for {labels['queue']}"
+        found[labels["queue"]] = value
+    return found
+
+
+def by_outcome(board: Board, title: str, ref: str, queue: str) -> dict[str, float]:
+    return {
+        labels["outcome"]: value
+        for labels, value in board.series(title, ref)
+        if labels["queue"] == queue
+    }
+
+
+@pytest.mark.integration
+def test_redis_source_panels_show_the_jobs_bullmq_ran(
+    dashboard: dict[str, Any], redis_stack: RedisStack
+) -> None:
+    board = redis_stack.board(dashboard, "pair_a", "pair_b")
+    driver = redis_stack.shared_driver
+    settle(lambda: board.variable("queue"), lambda q: q == list(REDIS_QUEUES), "the queues")
+    settle(lambda: board.shown(REDIS_SOURCE, "STATUS"), lambda s: s == "Up", "Redis source up")
+    # No worker yet: the first job waits, and waits longer.
+    (first,) = settle(
+        lambda: [by_queue(board, OLDEST_WAITING).get("inventory", 0.0)],
+        lambda ages: ages[0] > 0,
+        "the oldest waiting job of inventory",
+    )
+    settle(
+        lambda: by_queue(board, OLDEST_WAITING).get("inventory", 0.0),
+        lambda age: age >= first + 1,
+        "the oldest waiting age to rise",
+    )
+    assert by_queue(board, WORKERS)["inventory"] == 0
+    worker = driver.start_worker("inventory", "clerk")
+    try:
+        jobs = [{"name": "ok", "data": {"ms": 150}} for _ in range(4)]
+        jobs += [{"name": "bad", "data": {"ms": 5, "fail": True}} for _ in range(3)]
+        driver.add_bulk("inventory", jobs)
+        driver.wait_finished("inventory", 8)
+        assert driver.state("inventory").finished["failed"] == 3
+        settle(lambda: by_queue(board, WORKERS), lambda w: w.get("inventory") == 1, "one worker")
+        settle(
+            lambda: by_queue(board, FAILED_PER_MINUTE),
+            lambda v: v.get("inventory", 0) > 0,
+            "failed jobs per minute",
+        )
+        settle(
+            lambda: by_queue(board, COMPLETED_PER_MINUTE),
+            lambda v: v.get("inventory", 0) > 0,
+            "completed jobs per minute",
+        )
+        assert by_queue(board, FAILED_PER_MINUTE).get("mail", 0) == 0
+        # Four of five completed runs took 150 ms: the median is in the (0.1 s, 0.25 s] bucket.
+        median = settle(
+            lambda: by_outcome(board, RUN_TIME, "P50", "inventory"),
+            lambda v: "completed" in v and "failed" in v,
+            "run time percentiles of both outcomes",
+        )
+        assert 0.1 <= median["completed"] <= 0.25
+        assert 0 < median["failed"] < 0.1
+        p95 = by_outcome(board, RUN_TIME, "P95", "inventory")
+        assert median["completed"] <= p95["completed"] <= 0.25
+        # One worker, jobs behind each other: the later ones waited for the earlier ones.
+        waited = settle(
+            lambda: by_queue(board, WAIT_TIME, "P95"),
+            lambda v: v.get("inventory", 0) > 0,
+            "the wait time p95",
+        )
+        assert waited["inventory"] >= by_queue(board, WAIT_TIME, "P50")["inventory"] > 0
+        assert board.value(REDIS_SOURCE, "MISSED") == 0
+        # Every query of the dashboard, the card's and the history's too, on this good day.
+        poll_every_query_returns_data(
+            redis_stack.prometheus_port, live_queries(board, REDIS_QUEUES)
+        )
+    finally:
+        driver.close_worker(worker)
+    settle(lambda: by_queue(board, WORKERS), lambda w: w.get("inventory") == 0, "no worker")
+
+
+def failed_per_minute_of(instances: Sequence[str], queue: str) -> str:
+    """What the pair's failures per minute would read if the panel added exporters up."""
+    return (
+        f"sum(rate(jobstats_queue_jobs_failed_total"
+        f'{{instance=~"{regex_of(instances)}",queue="{queue}"}}[{RATE_INTERVAL}]) * 60)'
+    )
+
+
+@pytest.mark.integration
+def test_an_ha_pair_on_one_redis_is_counted_once(
+    dashboard: dict[str, Any], redis_stack: RedisStack
+) -> None:
+    pair = redis_stack.board(dashboard, "pair_a", "pair_b")
+    first = redis_stack.board(dashboard, "pair_a")
+    second = redis_stack.board(dashboard, "pair_b")
+    driver = redis_stack.shared_driver
+    worker = driver.start_worker("mail", "postman")
+    try:
+        driver.add_bulk("mail", [{"name": "bad", "data": {"ms": 5, "fail": True}}] * 5)
+        driver.wait_finished("mail", 6)  # the first job too
+    finally:
+        driver.close_worker(worker)
+    both = [redis_stack.instance("pair_a"), redis_stack.instance("pair_b")]
+
+    def counted_by_each(at: float) -> dict[str, float]:
+        """Failures per minute of each exporter alone, at `at`."""
+        return {
+            name: sum(v for _, v in query_at(port, failed_per_minute_of([i], "mail"), at))
+            for name, i in zip(("first", "second"), both, strict=True)
+        }
+
+    port = redis_stack.prometheus_port
+    settle(
+        lambda: counted_by_each(time.time()),
+        lambda each: min(each.values()) > 0,
+        "both exporters to count the failures",
+    )
+    at = time.time()
+    each = counted_by_each(at)
+    shown = {
+        name: {
+            labels["queue"]: value
+            for labels, value in query_at(port, board.exprs(FAILED_PER_MINUTE)["A"], at)
+        }
+        for name, board in (("pair", pair), ("first", first), ("second", second))
+    }
+    # Both counted every failure; the pair shows one exporter's count, not their sum.
+    assert shown["pair"]["mail"] == pytest.approx(each["first"])
+    assert shown["pair"]["mail"] < each["first"] + each["second"]
+    # Each replica alone still shows its own view.
+    assert shown["first"]["mail"] == pytest.approx(each["first"])
+    assert shown["second"]["mail"] == pytest.approx(each["second"])
+    # Workers and the oldest waiting job are not doubled either.
+    assert by_queue(pair, WORKERS) == by_queue(first, WORKERS)
+
+
+@pytest.mark.integration
+def test_redis_down_shows_down_and_gaps_not_zeros(
+    dashboard: dict[str, Any], redis_stack: RedisStack
+) -> None:
+    board = redis_stack.board(dashboard, "lonely")
+    driver = redis_stack.lonely_driver
+    worker = driver.start_worker("inventory", "loner")
+    driver.add_bulk("inventory", [{"name": "ok", "data": {"ms": 5}}] * 3)
+    driver.wait_finished("inventory", 4)
+    settle(
+        lambda: by_queue(board, COMPLETED_PER_MINUTE),
+        lambda v: v.get("inventory", 0) > 0,
+        "completed jobs per minute",
+    )
+    settle(lambda: by_queue(board, WORKERS), lambda w: w.get("inventory") == 1, "one worker")
+    redis_stack.lonely.kill()
+    try:
+        settle(
+            lambda: board.shown(REDIS_SOURCE, "STATUS"), lambda s: s == "Down", "Redis source down"
+        )
+
+        def still_shown() -> list[str]:
+            return [
+                f"{title} [{ref}]"
+                for title in REDIS_SOURCE_GRAPHS
+                for ref in board.exprs(title)
+                if board.series(title, ref)
+            ]
+
+        # A gap, not a 0: nothing was counted because nothing could be read.
+        settle(still_shown, lambda shown: not shown, "the Redis source graphs to be empty")
+        # The counters are still there, standing still: the panels hide them on purpose.
+        counter = (
+            "jobstats_queue_jobs_completed_total"
+            f'{{instance="{redis_stack.instance("lonely")}",queue="inventory"}}'
+        )
+        (answer,) = prometheus_query(redis_stack.prometheus_port, counter)
+        assert float(answer["value"][1]) >= 4
+        # The API-based panels are unaffected.
+        assert board.series("Waiting backlog")
+        assert board.shown("Summary", "API") == "OK"
+    finally:
+        redis_stack.lonely.start()
+        with suppress(DriverError, AssertionError):
+            driver.close_worker(worker, force=True, timeout=5)
