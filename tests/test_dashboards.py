@@ -1049,16 +1049,18 @@ def test_redis_source_panels_show_the_jobs_bullmq_ran(
             "completed jobs per minute",
         )
         assert by_queue(board, FAILED_PER_MINUTE).get("mail", 0) == 0
-        # Four of five completed runs took 150 ms: the median is in the (0.1 s, 0.25 s] bucket.
+        # Four of five completed runs slept 150 ms: the median is past 0.1 s, and within a
+        # second however loaded the machine (not a timing check: a wrong pairing of events
+        # would give a time of 0 or of the whole test).
         median = settle(
             lambda: by_outcome(board, RUN_TIME, "P50", "inventory"),
             lambda v: "completed" in v and "failed" in v,
             "run time percentiles of both outcomes",
         )
-        assert 0.1 <= median["completed"] <= 0.25
-        assert 0 < median["failed"] < 0.1
+        assert 0.1 <= median["completed"] <= 1.0
+        assert 0 < median["failed"] <= 0.25
         p95 = by_outcome(board, RUN_TIME, "P95", "inventory")
-        assert median["completed"] <= p95["completed"] <= 0.25
+        assert median["completed"] <= p95["completed"] <= 1.0
         # One worker, jobs behind each other: the later ones waited for the earlier ones.
         waited = settle(
             lambda: by_queue(board, WAIT_TIME, "P95"),
