@@ -34,6 +34,16 @@ from harness import (
     percentile,
     sample,
 )
+from tailing import (
+    TAIL_FULL,
+    TAIL_QUICK,
+    TailPlan,
+    TailResult,
+    hiredis_verdict,
+    run_tailing,
+    tailing_table,
+    tailing_targets,
+)
 
 SIZES = (2, 100, 1_000, 10_000)
 CRONS = ("*/6 * * * *", "0 */3 * * * *", "*/30 * * * * *")
@@ -52,10 +62,11 @@ class Plan:
     warmup: int
     concurrent_scrapes: int
     memory_scrapes: int
+    tailing: TailPlan
 
 
-FULL = Plan({2: 500, 100: 500, 1_000: 200, 10_000: 20}, 10, 640, 10_000)
-QUICK = Plan({2: 20, 100: 20, 1_000: 5, 10_000: 2}, 2, 64, 200)
+FULL = Plan({2: 500, 100: 500, 1_000: 200, 10_000: 20}, 10, 640, 10_000, TAIL_FULL)
+QUICK = Plan({2: 20, 100: 20, 1_000: 5, 10_000: 2}, 2, 64, 200, TAIL_QUICK)
 
 
 def stats_answer(queues: int) -> bytes:
@@ -309,7 +320,9 @@ def memory_table(memory: MemoryResult) -> list[str]:
     ]
 
 
-def targets_table(sizes: Sequence[SizeResult], memory: MemoryResult) -> list[str]:
+def targets_table(
+    sizes: Sequence[SizeResult], memory: MemoryResult, tailing: Sequence[TailResult] | str
+) -> list[str]:
     by_size = {result.queues: result for result in sizes}
     rows: list[tuple[str, str, bool]] = []
     if 2 in by_size:
@@ -340,6 +353,8 @@ def targets_table(sizes: Sequence[SizeResult], memory: MemoryResult) -> list[str
             growth < MIB,
         )
     )
+    if not isinstance(tailing, str):
+        rows += tailing_targets(tailing)
     lines = ["| target | measured | result |", "| --- | ---: | --- |"]
     lines += [f"| {name} | {value} | {'pass' if ok else 'FAIL'} |" for name, value, ok in rows]
     return lines
@@ -364,11 +379,32 @@ def machine() -> list[str]:
     ]
 
 
+def tailing_section(tailing: Sequence[TailResult] | str) -> list[str]:
+    lines = [
+        "## Redis source: tailing the event streams",
+        "",
+        "Debian's redis-server on 127.0.0.1; 10 queues (meta hashes with `opts.maxLenEvents`",
+        "10000); `benchmarks/producer.py`, a process of its own, writes BullMQ's entries",
+        "(waiting, active, then completed or, one job in ten, failed; XADD MAXLEN ~ 10000)",
+        "round-robin into their streams, paced to the rate. The exporter, a target with this",
+        "Redis and a fixed stats API, follows every stream from before the first entry and is",
+        "scraped once a second. CPU is user + system time, as a fraction of one core, over",
+        "the producer's run; catch-up is how long after the producer's last entry /metrics",
+        "counted every job. The exporter runs once with redis-py's hiredis parser and once",
+        "with hiredis made unimportable in its process; the producer is the same in both.",
+        "",
+    ]
+    if isinstance(tailing, str):
+        return [*lines, tailing, ""]
+    return [*lines, *tailing_table(tailing), "", hiredis_verdict(tailing), ""]
+
+
 def report(
     quick: bool,
     sizes: Sequence[SizeResult],
     concurrency: Sequence[ConcurrencyResult],
     memory: MemoryResult,
+    tailing: Sequence[TailResult] | str,
 ) -> str:
     lines = [
         "# jobstats-exporter benchmark",
@@ -384,7 +420,7 @@ def report(
         "",
         "## Targets",
         "",
-        *targets_table(sizes, memory),
+        *targets_table(sizes, memory, tailing),
         "",
         "## Scrape latency by answer size",
         "",
@@ -404,13 +440,14 @@ def report(
         "",
         *memory_table(memory),
         "",
+        *tailing_section(tailing),
     ]
     return "\n".join(lines)
 
 
 def run(
     plan: Plan, progress: Callable[[str], None]
-) -> tuple[list[SizeResult], list[ConcurrencyResult], MemoryResult]:
+) -> tuple[list[SizeResult], list[ConcurrencyResult], MemoryResult, list[TailResult] | str]:
     upstream = Upstream(SIZES)
     try:
         exporter = ExporterProcess(exporter_config(upstream, SIZES))
@@ -440,7 +477,8 @@ def run(
             exporter.stop()
     finally:
         upstream.close()
-    return sizes, concurrency, memory
+    tailing = run_tailing(plan.tailing, progress)
+    return sizes, concurrency, memory, tailing
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -456,11 +494,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench: {message}", file=sys.stderr, flush=True)
 
     try:
-        sizes, concurrency, memory = run(plan, progress)
+        sizes, concurrency, memory, tailing = run(plan, progress)
     except (HarnessError, OSError, http.client.HTTPException) as error:
         print(f"bench: failed: {error}", file=sys.stderr)
         return 1
-    text = report(args.quick, sizes, concurrency, memory)
+    text = report(args.quick, sizes, concurrency, memory, tailing)
     print(text)
     if args.results:
         args.results.write_text(text, encoding="utf-8")

@@ -33,8 +33,10 @@ __all__ = [
     "KeepAliveClient",
     "LocalHTTPServer",
     "QuietHandler",
+    "cpu_seconds",
     "free_port",
     "http_response",
+    "memory_bytes",
     "percentile",
     "sample",
 ]
@@ -183,13 +185,46 @@ class KeepAliveClient:
         self._connection.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process `pid` so far (/proc/<pid>/stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text("ascii")
+    # Fields after the command name, which may hold spaces, start at field 3 (state).
+    fields = stat.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def memory_bytes(pid: int, field: str) -> int:
+    """A Vm* line of /proc/<pid>/status (VmRSS, VmHWM) of process `pid`, in bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text("ascii").splitlines():
+        name, _, value = line.partition(":")
+        if name == field:
+            return int(value.split()[0]) * 1024
+    raise HarnessError(f"no {field} in /proc/{pid}/status")
+
+
+def _python_running_exporter(without_modules: Sequence[str]) -> list[str]:
+    """`python -m exporter`, or its equivalent with some modules made unimportable."""
+    if not without_modules:
+        return [sys.executable, "-m", "exporter"]
+    # A None in sys.modules makes `import name` raise ImportError, as if it were absent.
+    launcher = (
+        "import runpy, sys\n"
+        f"sys.modules.update(dict.fromkeys({list(without_modules)!r}))\n"
+        "runpy.run_module('exporter', run_name='__main__', alter_sys=True)\n"
+    )
+    return [sys.executable, "-c", launcher]
+
+
 class ExporterProcess:
     """`python -m exporter --config.file <file> --web.listen-address 127.0.0.1:<port>`.
 
     Its output goes to a temporary file, shown when it dies; `stop()` ends it by PID.
     """
 
-    def __init__(self, config_yaml: str) -> None:
+    def __init__(self, config_yaml: str, without_modules: Sequence[str] = ()) -> None:
+        """`without_modules` cannot be imported in the process: `("hiredis",)` makes redis-py
+        fall back to its pure-Python parser, as on a machine where hiredis is not installed.
+        """
         self._folder = tempfile.TemporaryDirectory(prefix="jobstats-bench-")
         folder = Path(self._folder.name)
         config_file = folder / "config.yml"
@@ -200,9 +235,7 @@ class ExporterProcess:
         with self._log.open("wb") as log:
             self.process = subprocess.Popen(
                 [
-                    sys.executable,
-                    "-m",
-                    "exporter",
+                    *_python_running_exporter(without_modules),
                     "--config.file",
                     str(config_file),
                     "--web.listen-address",
@@ -252,18 +285,11 @@ class ExporterProcess:
 
     def cpu_seconds(self) -> float:
         """User plus system CPU time of the process so far (/proc/<pid>/stat)."""
-        stat = Path(f"/proc/{self.pid}/stat").read_text("ascii")
-        # Fields after the command name, which may hold spaces, start at field 3 (state).
-        fields = stat.rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+        return cpu_seconds(self.pid)
 
     def memory_bytes(self, field: str) -> int:
         """A Vm* line of /proc/<pid>/status (VmRSS, VmHWM) in bytes."""
-        for line in Path(f"/proc/{self.pid}/status").read_text("ascii").splitlines():
-            name, _, value = line.partition(":")
-            if name == field:
-                return int(value.split()[0]) * 1024
-        raise HarnessError(f"no {field} in /proc/{self.pid}/status")
+        return memory_bytes(self.pid, field)
 
     def open_fds(self) -> int:
         return len(os.listdir(f"/proc/{self.pid}/fd"))

@@ -6,6 +6,8 @@ information for benchmarks/RESULTS.md and never a test's verdict.
 
 from __future__ import annotations
 
+import importlib.util
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +44,16 @@ def test_quick_benchmark_reports_every_size_and_target(tmp_path: Path) -> None:
         assert f"\n| {scrapers} | 64 | " in run.stdout
     assert "| target | measured | result |" in run.stdout
     assert "- CPU: " in run.stdout
+    assert "## Redis source: tailing the event streams" in run.stdout
+    if shutil.which("redis-server"):
+        # 2,000 events/s for a second: every job counted, nothing missed, parser by parser.
+        assert "| pure Python parser | no | 2,000 | " in run.stdout
+        assert "| 600 / 600 | 60 / 60 | 10/10 | 0 | " in run.stdout
+        if importlib.util.find_spec("hiredis"):
+            assert "| hiredis | yes | 2,000 | " in run.stdout
+            assert "hiredis: exporter CPU at 2,000 events/s " in run.stdout
+    else:
+        assert "skipped: no redis-server on PATH" in run.stdout
     assert results.read_text(encoding="utf-8").rstrip() == run.stdout.rstrip()
 
 
