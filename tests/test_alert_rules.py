@@ -25,7 +25,7 @@ RULES = Path("alerts/jobstats.rules.yml")
 RULE_TESTS = Path("alerts/tests/jobstats.rules.test.yml")
 ALERTMANAGER_CONFIG = Path("alerts/alertmanager.yml")
 TEMPLATES_GLOB = "alerts/templates/*.tmpl"
-RUNBOOKS = Path("docs/runbooks.md")
+RUNBOOKS = Path("exporter/runbooks.md")
 
 SEVERITIES = frozenset({"critical", "warning", "info"})
 ANNOTATIONS = frozenset({"summary", "description", "runbook_url"})
@@ -54,7 +54,7 @@ INLINE_SECRET_KEYS = frozenset(
 TEMPLATE_NAMES = ("jobstats.text", "jobstats.title", "jobstats.email.html")
 #: The rules' runbook_url: a path in the repository, joined in the notifications to the one
 #: base address the template `jobstats.runbook_base_url` defines (empty by default).
-FAILED_JOBS_RUNBOOK = "docs/runbooks.md#jobstatsqueuefailedjobs"
+FAILED_JOBS_RUNBOOK = "exporter/runbooks.md#jobstatsqueuefailedjobs"
 RUNBOOK_BASE_DEFINITION = '{{ define "jobstats.runbook_base_url" }}{{ end }}'
 
 

@@ -44,7 +44,7 @@ SAMPLES = Path(__file__).resolve().parent / "fixtures" / "samples"
 #: How long a test waits for one step of the stack (a scrape, an evaluation, a notification).
 PATIENCE = 30.0
 #: The rules' runbook_url is relative; the template's base address is empty by default.
-RUNBOOKS = "docs/runbooks.md"
+RUNBOOKS = "exporter/runbooks.md"
 DASHBOARD = "http://localhost:3000/d/jobstats-overview/background-jobs"
 #: The severity each alert carries in the shipped rules (JobStatsQueueNotActive: when stopped).
 SEVERITY = {
