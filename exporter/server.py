@@ -1,16 +1,18 @@
-"""Serve /metrics, /probe, a landing page and health endpoints over HTTP/1.1 keep-alive.
+"""Serve /metrics, /probe, the runbooks, a landing page and health endpoints over HTTP/1.1.
 
 One `Exporter` holds what lives between scrapes (one client per target, the
 cron cache, error counters); each scrape gets its own registry, bound to
 that scrape's target and timeout, so /metrics and /probe share one code
 path. /probe only takes the name of a configured target: it never fetches a
 URL it is given. The server is the standard library's; TLS and basic auth
-come from the web config file.
+come from the web config file. /runbooks serves the alerts' runbooks, so the
+rules' links resolve wherever Prometheus reaches the exporter.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import html
 import logging
 import math
@@ -32,6 +34,7 @@ from . import __version__
 from .client import EventLoop, StatsClient, redact_url
 from .collector import JobStatsCollector, ScrapeErrors, render_chunks
 from .config import Config, parse_listen_address
+from .runbooks import read_runbooks, render_page
 from .schedule import CronSchedules
 from .targets import Target
 from .webconfig import WebConfig
@@ -52,6 +55,7 @@ SCRAPE_TIMEOUT_MARGIN = 0.5
 #: Seconds a client has to finish the TLS handshake and send its request.
 HANDSHAKE_TIMEOUT = 10.0
 _TEXT = "text/plain; charset=utf-8"
+_HTML = "text/html; charset=utf-8"
 #: The Prometheus text exposition format, as every Prometheus version reads it.
 TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
 #: Paths answered without credentials: they tell nothing but that the process runs.
@@ -205,6 +209,11 @@ class Exporter:
         chunks.append(generate_latest(self._process_registry))
         return chunks, TEXT_FORMAT
 
+    @functools.cached_property
+    def runbooks_page(self) -> bytes:
+        """The runbooks as HTML: read and rendered on the first request, then kept."""
+        return render_page(read_runbooks())
+
     def landing_page(self) -> bytes:
         rows = "\n".join(
             f'<li><a href="/probe?target={html.escape(name)}">{html.escape(name)}</a>:'
@@ -220,6 +229,7 @@ class Exporter:
 Reads a job stats API once per scrape.</p>
 <ul>
 <li><a href="/metrics">Metrics</a> of the default target, <code>{default}</code></li>
+<li><a href="/runbooks">Runbooks</a> of the alerts</li>
 <li><a href="/-/healthy">Health</a> and <a href="/-/ready">readiness</a></li>
 </ul>
 <p>Targets, each at <code>/probe?target=NAME</code>:</p>
@@ -333,7 +343,9 @@ class _Handler(BaseHTTPRequestHandler):
                 target = names[0]
             self._scrape(exporter, target)
         elif path == "/":
-            self._answer(200, exporter.landing_page(), "text/html; charset=utf-8")
+            self._answer(200, exporter.landing_page(), _HTML)
+        elif path == "/runbooks":
+            self._answer(200, exporter.runbooks_page, _HTML)
         elif path == "/-/healthy":
             self._answer(200, b"Healthy\n", _TEXT)
         elif path == "/-/ready":

@@ -19,13 +19,15 @@ from typing import Any
 import pytest
 import yaml
 
+from exporter.runbooks import read_runbooks, to_html
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_CONFIG = Path("prometheus/prometheus.yml")
 RULES = Path("alerts/jobstats.rules.yml")
 RULE_TESTS = Path("alerts/tests/jobstats.rules.test.yml")
 ALERTMANAGER_CONFIG = Path("alerts/alertmanager.yml")
 TEMPLATES_GLOB = "alerts/templates/*.tmpl"
-RUNBOOKS = Path("docs/runbooks.md")
+RUNBOOKS = Path("exporter/runbooks.md")
 
 SEVERITIES = frozenset({"critical", "warning", "info"})
 ANNOTATIONS = frozenset({"summary", "description", "runbook_url"})
@@ -52,10 +54,16 @@ INLINE_SECRET_KEYS = frozenset(
     }
 )
 TEMPLATE_NAMES = ("jobstats.text", "jobstats.title", "jobstats.email.html")
-#: The rules' runbook_url: a path in the repository, joined in the notifications to the one
-#: base address the template `jobstats.runbook_base_url` defines (empty by default).
-FAILED_JOBS_RUNBOOK = "docs/runbooks.md#jobstatsqueuefailedjobs"
-RUNBOOK_BASE_DEFINITION = '{{ define "jobstats.runbook_base_url" }}{{ end }}'
+#: The page the exporter serves them at, relative to the base address of the notifications.
+RUNBOOKS_PAGE = "runbooks"
+#: The rules' runbook_url: the exporter's page, relative to the one base address the template
+#: `jobstats.runbook_base_url` defines (by default, the alert's own exporter).
+FAILED_JOBS_RUNBOOK = f"{RUNBOOKS_PAGE}#jobstatsqueuefailedjobs"
+INSTANCE = "exporter:9787"
+RUNBOOK_BASE_DEFINITION = (
+    '{{ define "jobstats.runbook_base_url" }}'
+    '{{ if match ":" .Labels.instance }}http://{{ .Labels.instance }}/{{ end }}{{ end }}'
+)
 
 
 def load_yaml(path: Path) -> Any:
@@ -245,11 +253,11 @@ def test_alert_has_a_severity_the_annotations_and_a_for_longer_than_a_minute(
 
 @pytest.mark.parametrize("rule", ALERT_RULES, ids=RULE_IDS)
 def test_runbook_url_points_to_a_section_of_the_runbooks(rule: dict[str, Any]) -> None:
-    """A path relative to the repository, so that it names the runbook in every copy of it."""
-    document, _, anchor = rule["annotations"]["runbook_url"].partition("#")
+    """Relative to the base address, so that it names the runbook the exporter serves."""
+    page, _, anchor = rule["annotations"]["runbook_url"].partition("#")
     runbooks = ROOT / RUNBOOKS
 
-    assert document == RUNBOOKS.as_posix()
+    assert page == RUNBOOKS_PAGE
     assert runbooks.is_file(), f"{RUNBOOKS} is missing"
     assert anchor in github_anchors(runbooks.read_text(encoding="utf-8"))
 
@@ -328,15 +336,14 @@ def test_notification_template_renders(amtool: str, template: str) -> None:
     assert result.stdout.strip()
 
 
-def failed_jobs_notification(runbook_url: str) -> dict[str, Any]:
+def failed_jobs_notification(runbook_url: str, instance: str | None = INSTANCE) -> dict[str, Any]:
     """The data Alertmanager gives a template for one firing JobStatsQueueFailedJobs."""
     labels = {
         "alertname": "JobStatsQueueFailedJobs",
         "severity": "warning",
         "job": "jobstats",
-        "instance": "exporter:9787",
         "queue": "inventory",
-    }
+    } | ({"instance": instance} if instance is not None else {})
     data = {
         "receiver": "oncall-warning",
         "status": "firing",
@@ -386,17 +393,16 @@ def test_notification_names_the_queue_and_links_runbook_and_dashboard(
     amtool: str, template: str, tmp_path: Path
 ) -> None:
     result = render(amtool, template, failed_jobs_notification(FAILED_JOBS_RUNBOOK), tmp_path)
+    link = f"http://{INSTANCE}/{FAILED_JOBS_RUNBOOK}"
 
     assert result.returncode == 0, report(result)
     assert "queue inventory" in result.stdout or "<b>inventory</b>" in result.stdout
     assert "5 new failed jobs" in result.stdout
-    assert f"Runbook: {FAILED_JOBS_RUNBOOK}" in result.stdout or (
-        f'Runbook: <a href="{FAILED_JOBS_RUNBOOK}">' in result.stdout
-    )
+    assert f"Runbook: {link}\n" in result.stdout or f'Runbook: <a href="{link}">' in result.stdout
     assert "var-queue=inventory" in result.stdout
 
 
-def test_runbook_base_address_is_defined_once_and_empty_by_default() -> None:
+def test_runbook_base_address_is_defined_once_and_is_the_alerts_exporter_by_default() -> None:
     templates = "".join(
         path.read_text(encoding="utf-8") for path in sorted(ROOT.glob(TEMPLATES_GLOB))
     )
@@ -410,7 +416,7 @@ def test_runbook_links_join_the_base_address_set_in_the_template(
     amtool: str, template: str, tmp_path: Path
 ) -> None:
     """As a deployer does it: one edit of jobstats.runbook_base_url, and every link is whole."""
-    base = "https://git.example.com/ops/jobstats-exporter/-/blob/main/"
+    base = "https://jobstats.example.com/"
     templates = tmp_path / "templates"
     templates.mkdir()
     for path in ROOT.glob(TEMPLATES_GLOB):
@@ -440,3 +446,46 @@ def test_an_absolute_runbook_url_is_kept_as_it_is(amtool: str, tmp_path: Path) -
 
     assert result.returncode == 0, report(result)
     assert f"Runbook: {absolute}\n" in result.stdout
+
+
+def test_every_rules_default_link_is_a_section_of_the_page_its_exporter_serves(
+    amtool: str, tmp_path: Path
+) -> None:
+    """By default each link is http://<instance>/runbooks#<alert>, and that page has the id."""
+    notification = failed_jobs_notification(FAILED_JOBS_RUNBOOK)
+    (alert,) = notification["alerts"]
+    notification["alerts"] = [
+        alert
+        | {
+            "labels": alert["labels"] | {"alertname": rule["alert"]},
+            "annotations": alert["annotations"]
+            | {"runbook_url": rule["annotations"]["runbook_url"]},
+        }
+        for rule in ALERT_RULES
+    ]
+    served_ids = set(re.findall(r' id="([^"]+)"', to_html(read_runbooks())))
+
+    result = render(amtool, "jobstats.text", notification, tmp_path)
+
+    assert result.returncode == 0, report(result)
+    links = re.findall(r"^Runbook: (.*)$", result.stdout, flags=re.MULTILINE)
+    assert len(links) == len(ALERT_RULES)
+    for link in links:
+        page, _, anchor = link.partition("#")
+        assert page == f"http://{INSTANCE}/{RUNBOOKS_PAGE}"
+        assert anchor in served_ids
+
+
+@pytest.mark.parametrize(
+    "instance", [None, "production"], ids=["no instance (absent)", "a /probe target name"]
+)
+def test_runbook_link_without_an_exporter_address_stays_relative(
+    amtool: str, tmp_path: Path, instance: str | None
+) -> None:
+    """No host:port to link to: the path is shown, never a made-up address."""
+    result = render(
+        amtool, "jobstats.text", failed_jobs_notification(FAILED_JOBS_RUNBOOK, instance), tmp_path
+    )
+
+    assert result.returncode == 0, report(result)
+    assert f"Runbook: {FAILED_JOBS_RUNBOOK}\n" in result.stdout

@@ -43,8 +43,8 @@ pytestmark = pytest.mark.integration
 SAMPLES = Path(__file__).resolve().parent / "fixtures" / "samples"
 #: How long a test waits for one step of the stack (a scrape, an evaluation, a notification).
 PATIENCE = 30.0
-#: The rules' runbook_url is relative; the template's base address is empty by default.
-RUNBOOKS = "docs/runbooks.md"
+#: The rules' runbook_url, relative to the template's base address (the alert's exporter).
+RUNBOOKS = "runbooks"
 DASHBOARD = "http://localhost:3000/d/jobstats-overview/background-jobs"
 #: The severity each alert carries in the shipped rules (JobStatsQueueNotActive: when stopped).
 SEVERITY = {
@@ -254,7 +254,11 @@ def test_new_failures_notify_their_queue_and_stay_inhibited_while_the_api_is_dow
         "the Slack message of inventory's failed jobs",
     )
     assert description in slack["text"]
-    assert f"{RUNBOOKS}#jobstatsqueuefailedjobs" in slack["text"]
+    # The link resolves as it is: the exporter Prometheus scraped serves the section.
+    runbook = f"http://{instance}/{RUNBOOKS}#jobstatsqueuefailedjobs"
+    assert runbook in slack["text"]
+    status, page = stack.exporter.get(f"/{RUNBOOKS}")
+    assert (status, b'id="jobstatsqueuefailedjobs"' in page) == (200, True)
     assert f"{DASHBOARD}?var-queue=inventory" in slack["text"]
 
     stack.api.answer(Answer(status=503, body=b'{"success": false, "error": "maintenance"}'))

@@ -7,6 +7,7 @@ numbers). Nothing here listens or connects beyond 127.0.0.1.
 
 from __future__ import annotations
 
+import base64
 import copy
 import gzip
 import json
@@ -17,11 +18,14 @@ import socket
 import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from http.client import HTTPConnection
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import pytest
+import yaml
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
@@ -714,3 +718,61 @@ def test_sigterm_during_a_scrape_stops_the_exporter_with_status_0(
 
     assert returncode == 0
     assert "Traceback" not in process.stderr()
+
+
+# --- The runbooks the alert rules link to --------------------------------------------
+
+RULES = Path(__file__).resolve().parent.parent / "alerts" / "jobstats.rules.yml"
+
+
+class ElementIds(HTMLParser):
+    """The id attributes of an HTML page's elements."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.ids.update(value for name, value in attrs if name == "id" and value)
+
+
+def rule_runbook_anchors() -> dict[str, str]:
+    """Each alert of the shipped rules, and the fragment of its runbook_url."""
+    groups = yaml.safe_load(RULES.read_text(encoding="utf-8"))["groups"]
+    return {
+        rule["alert"]: rule["annotations"]["runbook_url"].partition("#")[2]
+        for group in groups
+        for rule in group["rules"]
+        if "alert" in rule
+    }
+
+
+def test_runbooks_page_has_the_section_of_every_alert(exporter: ExporterProcess) -> None:
+    status, body = exporter.get("/runbooks")
+    page = ElementIds()
+    page.feed(body.decode("utf-8"))
+
+    assert status == 200
+    missing = {
+        alert: anchor for alert, anchor in rule_runbook_anchors().items() if anchor not in page.ids
+    }
+    assert missing == {}
+
+
+def test_runbooks_need_the_credentials_of_the_web_config(
+    fake_api: FakeStatsApi, tmp_path: Path
+) -> None:
+    password = "runbook-SECRET-5d1e"
+    web_config = tmp_path / "web-config.yml"
+    hashed = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
+    web_config.write_text(yaml.safe_dump({"basic_auth_users": {"oncall": hashed}}), "utf-8")
+    credentials = base64.b64encode(f"oncall:{password}".encode()).decode()
+    args = ["--api.url", fake_api.url, "--web.config.file", str(web_config)]
+
+    with running_exporter(args, tmp_path) as exporter:
+        anonymous, _ = exporter.get("/runbooks")
+        wrong, _ = exporter.get("/runbooks", {"Authorization": "Basic b25jYWxsOm5vcGU="})
+        allowed, body = exporter.get("/runbooks", {"Authorization": f"Basic {credentials}"})
+
+    assert (anonymous, wrong, allowed) == (401, 401, 200)
+    assert b'id="jobstatsexporterdown"' in body

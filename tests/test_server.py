@@ -165,6 +165,20 @@ def test_landing_page_links_metrics_and_hides_credentials(running: Callable[...,
     assert "SECRET" not in body
 
 
+def test_runbooks_are_served_as_html_and_linked_from_the_landing_page(
+    running: Callable[..., Running],
+) -> None:
+    exporter = running(enabled)
+
+    status, content_type, body = exporter.get("/runbooks")
+
+    assert status == 200
+    assert content_type.startswith("text/html")
+    assert '<h2 id="jobstatsqueuefailedjobs">JobStatsQueueFailedJobs</h2>' in body
+    assert 'href="/runbooks"' in exporter.get("/")[2]
+    assert exporter.get("/runbooks")[2] == body
+
+
 @pytest.mark.parametrize(("path", "text"), [("/-/healthy", "Healthy"), ("/-/ready", "Ready")])
 def test_health_endpoints(running: Callable[..., Running], path: str, text: str) -> None:
     assert running(enabled).get(path)[::2] == (200, f"{text}\n")
