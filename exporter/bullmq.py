@@ -9,6 +9,7 @@ Redis source never loads it.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ssl
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Queues",
+    "check_source",
     "client_names",
     "connect",
     "discover_queues",
@@ -129,6 +131,20 @@ async def discover_queues(client: Redis, prefix: str) -> set[str]:
         if name is not None:
             found.add(name)
     return found
+
+
+async def check_source(source: RedisSource, timeout: float) -> list[str]:
+    """Connect, authenticate and find the queues, for `check`: the queue names, sorted.
+
+    RedisError or OSError (TimeoutError included) when the source cannot be used.
+    """
+    client = connect(source, read_timeout=timeout)
+    try:
+        async with asyncio.timeout(timeout):
+            await client.ping()
+            return sorted(await discover_queues(client, source.prefix))
+    finally:
+        await client.aclose()
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,7 @@ from .logs import configure_logging
 from .model import parse_stats
 from .schedule import CronSchedules
 from .server import Exporter, MetricsServer, log
+from .targets import Target
 from .webconfig import WebConfig, load_web_config
 
 __all__ = ["main"]
@@ -210,7 +211,36 @@ def _check(config: Config, name: str | None) -> int:
     color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     schedules = CronSchedules(config.cron_timezone)
     sys.stdout.write(render_card(stats, time.time(), schedules, redact_url(target.url), color))
-    return 1 if stats.invalid else 0
+    redis_usable = _check_redis(target) if target.redis is not None else True
+    return 1 if stats.invalid or not redis_usable else 0
+
+
+def _check_redis(target: Target) -> bool:
+    """One line on the target's Redis source: its queues, or why it cannot be read."""
+    import asyncio
+
+    from redis.exceptions import RedisError
+
+    from .bullmq import check_source, where
+
+    assert target.redis is not None
+    source = target.redis
+    try:
+        queues = asyncio.run(check_source(source, target.timeout))
+    except (RedisError, OSError) as error:
+        text = str(error).strip() or "no answer in time"
+        print(
+            f"{PROG} check: Redis source {where(source)}: unavailable:"
+            f" {type(error).__name__}: {text}",
+            file=sys.stderr,
+        )
+        return False
+    shown = ", ".join(source.label(name) for name in queues) or "none"
+    print(
+        f"Redis source {where(source)}: reachable; {len(queues)} BullMQ queues under prefix"
+        f" {source.prefix!r}: {shown}"
+    )
+    return True
 
 
 def _healthcheck(config: Config, web: WebConfig | None) -> int:

@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import httpx
 
-from .client import DEFAULT_MAX_BODY_BYTES
+from .client import DEFAULT_MAX_BODY_BYTES, redact_url
 from .errors import ConfigError
 from .model import Limits
 from .targets import (
@@ -85,7 +85,9 @@ class Config:
 
 
 def _url(value: str) -> str:
-    problem = f"expected an http:// or https:// URL with a host, got {value!r}"
+    # User info and a query may hold credentials: a message shows the URL without them.
+    shown = redact_url(value) if "@" in value or "?" in value else value
+    problem = f"expected an http:// or https:// URL with a host, got {shown!r}"
     try:
         # Read as the client will read it, so that no URL passes here and fails at a scrape.
         url = httpx.URL(value)
@@ -95,7 +97,7 @@ def _url(value: str) -> str:
     if url.scheme not in ("http", "https") or not url.host:
         raise ValueError(problem)
     if port is not None and not 0 < port <= 65535:
-        raise ValueError(f"expected a port from 1 to 65535 in {value!r}")
+        raise ValueError(f"expected a port from 1 to 65535 in {shown!r}")
     return value
 
 

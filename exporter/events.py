@@ -15,6 +15,7 @@ import itertools
 import logging
 import time
 from bisect import bisect_left
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,9 @@ __all__ = [
 BUCKETS = (0.005, 0.025, 0.1, 0.25, 1.0, 2.5, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0)
 #: Jobs waiting or running whose start is kept to time them, over every queue.
 MAX_PENDING_JOBS = 50_000
+#: Milliseconds after which a pending job may make room for a new one when the map is
+#: full: past the largest bucket, its time would only say "over an hour".
+STALE_MS = 3_600_000
 #: Entries read per stream per call: one call's reply stays small, and a full
 #: batch tells the tailer it is behind.
 READ_COUNT = 1000
@@ -50,6 +54,10 @@ BLOCK_MS = 2000
 #: reply, a loop turn) is paid per batch. Counters lag by at most this, far less than a
 #: scrape interval or than a 10,000-entry stream lasts.
 READ_PAUSE = 0.1
+#: Seconds between two log lines about job timings dropped.
+DROPPED_LOG_INTERVAL = 600.0
+#: Streams checked for trimmed entries in one transaction.
+CHECK_BATCH = 100
 #: Seconds between checks of every stream for entries trimmed before they were read.
 CHECK_INTERVAL = 30.0
 #: Longest wait before reconnecting; the first is one second, doubling.
@@ -122,8 +130,8 @@ class EventCounts:
         #: Jobs not timed because the pending maps were full.
         self.dropped = 0
         # (queue, job id) -> milliseconds; insertion order is age order, oldest first.
-        self._ready: dict[tuple[str, str], int] = {}
-        self._active: dict[tuple[str, str], int] = {}
+        self._ready: OrderedDict[tuple[str, str], int] = OrderedDict()
+        self._active: OrderedDict[tuple[str, str], int] = OrderedDict()
 
     def queue(self, name: str) -> QueueCounts:
         """The queue's counts, at 0 when it is first seen."""
@@ -172,12 +180,22 @@ class EventCounts:
         if started is not None:
             timings.observe(max(0, at - started) / 1000)
 
-    def _remember(self, pending: dict[tuple[str, str], int], key: tuple[str, str], at: int) -> None:
+    def _remember(
+        self, pending: OrderedDict[tuple[str, str], int], key: tuple[str, str], at: int
+    ) -> None:
         pending.pop(key, None)  # a job seen again moves to the young end
         if len(self._ready) + len(self._active) >= self.max_pending:
-            fuller = self._ready if len(self._ready) >= len(self._active) else self._active
-            del fuller[next(iter(fuller))]
+            # Keep the oldest: in a backlog they are the next to start, and their times
+            # are the ones worth having. Only one pending past STALE_MS (its end was never
+            # written: a drained queue, a lost Redis) makes room.
+            older = min(
+                (entries for entries in (self._ready, self._active) if entries),
+                key=lambda entries: next(iter(entries.values())),
+            )
             self.dropped += 1
+            if at - next(iter(older.values())) <= STALE_MS:
+                return
+            older.popitem(last=False)
         pending[key] = at
 
     @property
@@ -211,6 +229,9 @@ class _Position:
     missed: int = 0
     #: Check for trimmed entries before the next read: after a reconnect or a full batch.
     suspect: bool = False
+    #: Read only once a scrape has shown the queue's counters: a new series must start
+    #: from a value Prometheus saw, or increase() misses its first jobs.
+    shown: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,6 +278,7 @@ class Tailer:
         self._started = False
         self._client_list_refused = False
         self._dropped_logged = 0
+        self._dropped_log_after = 0.0
         self._inflight: asyncio.Future[Any] | None = None
         #: Queues left out at the last discovery: (too long or same label, over max_queues).
         self._left_out = (0, 0)
@@ -280,7 +302,9 @@ class Tailer:
             except asyncio.CancelledError:
                 raise
             except (RedisError, OSError) as error:
-                if self.connected or failures == 0:
+                if self.connected:
+                    failures = 0  # a session that worked: the next try comes soon again
+                if failures == 0:
                     log.warning(
                         "redis source unavailable",
                         extra={"redis": self._where, "err": _describe(error)},
@@ -297,13 +321,15 @@ class Tailer:
         # The blocking read gets a connection of its own, read timeout past its block.
         reader = self._reader = self._connect(self.source)
         await client.ping()
-        if self._positions:
-            log.info("redis source reconnected", extra={"redis": self._where})
-            for position in self._positions.values():
-                position.suspect = True
+        for position in self._positions.values():
+            position.suspect = True
         await self._discover(client)
         # Up once the queues are known: a queue found after this is new, counted whole.
         self.connected = True
+        log.info(
+            "redis source connected",
+            extra={"redis": self._where, "queues": len(self._positions)},
+        )
         next_discovery = self.clock() + self.discovery_interval
         while True:
             if self.clock() >= next_discovery:
@@ -340,9 +366,13 @@ class Tailer:
         if new:
             await self._attach(client, new, at_tail=not self._started)
         for name in [name for name in self._positions if name not in kept]:
-            # Gone (obliterated): its counters stay (they are counters), its timings go.
+            # Gone (obliterated, or Redis restarted empty): its timings go; its counters
+            # stay, to carry on if it comes back, unless queues come and go by thousands.
             del self._positions[name]
             self.counts.forget(name)
+        if len(self.counts.queues) > 2 * self.max_queues:
+            for name in [name for name in self.counts.queues if name not in self._positions]:
+                del self.counts.queues[name]
         self._started = True
 
     async def _attach(self, client: Redis, names: list[str], at_tail: bool) -> None:
@@ -363,8 +393,9 @@ class Tailer:
                     str(info.get("last-generated-id", "0-0")), int(info.get("entries-added", 0))
                 )
             else:
-                # A queue created after start (or with no stream yet) counts from its first entry.
-                position = _Position("0-0", 0)
+                # A queue created after start (or with no stream yet) counts from its first
+                # entry, once a scrape has shown its counters as they stand.
+                position = _Position("0-0", 0, shown=False)
             self._positions[name] = position
 
     async def _read(self, reader: Redis) -> None:
@@ -372,7 +403,14 @@ class Tailer:
             await asyncio.sleep(BLOCK_MS / 1000)
             return
         prefix = self.source.prefix
-        names = {bullmq.stream_key(prefix, name): name for name in self._positions}
+        names = {
+            bullmq.stream_key(prefix, name): name
+            for name, position in self._positions.items()
+            if position.shown
+        }
+        if not names:
+            await asyncio.sleep(BLOCK_MS / 1000)
+            return
         streams: dict[Any, Any] = {
             key: self._positions[name].last_id for key, name in names.items()
         }
@@ -401,27 +439,36 @@ class Tailer:
     async def _check_trimmed(self, client: Redis) -> None:
         """Count the entries trimmed before they were read, for each suspect stream.
 
-        Atomically per stream, XINFO STREAM and the entries after the last one read: once
-        those reach the tail, entries-added less what was read and missed is what a trim
-        took unread. Redis before 7 reports no entries-added: the gap is logged, not counted.
+        Atomically (one transaction per CHECK_BATCH streams), XINFO STREAM and the entries
+        after the last one read: once those reach the tail, entries-added less what was read
+        and missed is what a trim took unread. Redis before 7 reports no entries-added: the
+        gap is logged, not counted.
         """
-        suspects = [name for name, position in self._positions.items() if position.suspect]
+        suspects = [
+            name
+            for name, position in self._positions.items()
+            if position.suspect and position.shown
+        ]
         prefix = self.source.prefix
-        for name in suspects:
-            position = self._positions[name]
-            key = bullmq.stream_key(prefix, name)
-            while True:
-                async with client.pipeline(transaction=True) as pipe:
+        for start in range(0, len(suspects), CHECK_BATCH):
+            chunk = suspects[start : start + CHECK_BATCH]
+            async with client.pipeline(transaction=True) as pipe:
+                for name in chunk:
+                    key = bullmq.stream_key(prefix, name)
                     pipe.xinfo_stream(key)
-                    pipe.xrange(key, min=f"({position.last_id}", count=READ_COUNT)
-                    info, entries = await pipe.execute(raise_on_error=False)
+                    pipe.xrange(key, min=f"({self._positions[name].last_id}", count=READ_COUNT)
+                replies = await pipe.execute(raise_on_error=False)
+            for index, name in enumerate(chunk):
+                position = self._positions[name]
+                info, entries = replies[2 * index], replies[2 * index + 1]
                 if not isinstance(info, dict) or isinstance(entries, Exception):
-                    break  # no stream yet: nothing was added, so nothing was missed
+                    position.suspect = False  # no stream yet: nothing added, nothing missed
+                    continue
                 self._apply(name, position, entries)
                 if len(entries) < READ_COUNT:
                     self._settle(name, position, info)
-                    break
-            position.suspect = False
+                    position.suspect = False
+                # Else still behind: checked again after the next read.
 
     def _settle(self, name: str, position: _Position, info: Mapping[str, Any]) -> None:
         added = info.get("entries-added")
@@ -473,6 +520,8 @@ class Tailer:
 
         labels = self.queues.labels
         counts = {labels[name]: self.counts.queue(name).copy() for name in self._positions}
+        for position in self._positions.values():
+            position.shown = True
         oldest: Mapping[str, float] | None = None
         workers: Mapping[str, int] | None = None
         up = False
@@ -495,12 +544,15 @@ class Tailer:
                     "redis source read failed",
                     extra={"redis": self._where, "err": _describe(error)},
                 )
-        if self.counts.dropped > self._dropped_logged:
+        now = self.clock()
+        if self.counts.dropped > self._dropped_logged and now >= self._dropped_log_after:
+            # Under a lasting backlog this grows at every scrape: say so now and then.
             log.info(
                 "job timings dropped: too many jobs pending",
                 extra={"redis": self._where, "count": self.counts.dropped - self._dropped_logged},
             )
             self._dropped_logged = self.counts.dropped
+            self._dropped_log_after = now + DROPPED_LOG_INTERVAL
         return RedisView(up, counts, oldest, workers, self.counts.dropped)
 
     async def _read_state(

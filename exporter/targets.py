@@ -113,25 +113,30 @@ class RedisSource:
 
 
 def parse_redis_url(value: str) -> str:
-    """A redis:// or rediss:// URL with a host and no password; ValueError otherwise."""
-    problem = f"expected a redis:// or rediss:// URL with a host, got {value!r}"
+    """A redis:// or rediss:// URL with a host and no password; ValueError otherwise.
+
+    No message repeats the URL as given: it may hold a password.
+    """
     parts = urlsplit(value)
     try:
-        port = parts.port
+        password, port = parts.password, parts.port
     except ValueError:
-        raise ValueError(f"expected a port from 1 to 65535 in {value!r}") from None
-    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-        raise ValueError(problem)
-    if parts.password is not None:
+        raise ValueError("expected a port from 1 to 65535 after the host") from None
+    if password is not None or "@" in parts.netloc:
         # A password in the URL would sit in the config, the command line or the log.
-        raise ValueError("the URL holds a password: give it in password_file or password_env")
+        raise ValueError(
+            "the URL holds user info: give the username in `username` and the password"
+            " in password_file or password_env"
+        )
+    if parts.query or parts.fragment:
+        raise ValueError("expected no query or fragment in the URL")
+    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
+        raise ValueError("expected a redis:// or rediss:// URL with a host")
     if port is not None and not 0 < port <= 65535:
-        raise ValueError(f"expected a port from 1 to 65535 in {value!r}")
+        raise ValueError("expected a port from 1 to 65535 after the host")
     database = parts.path.strip("/")
     if database and not database.isdigit():
-        raise ValueError(f"expected a database number after the host, got {value!r}")
-    if parts.query or parts.fragment:
-        raise ValueError(f"expected no query or fragment in {value!r}")
+        raise ValueError("expected a database number after the host, such as /0")
     return value
 
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from exporter.events import BUCKETS, EventCounts, Timings
+from exporter.events import BUCKETS, STALE_MS, EventCounts, Timings
 
 from samples import bullmq_capture
 
@@ -103,16 +103,28 @@ def test_entries_without_a_job_change_nothing_but_make_the_queue_known() -> None
     assert "q" not in counts.queues
 
 
-def test_the_pending_map_is_capped_and_what_it_drops_is_counted() -> None:
+def test_the_pending_map_is_capped_keeping_the_oldest_and_counting_the_rest() -> None:
     counts = EventCounts(max_pending=3)
     for job in range(5):
         counts.apply("q", f"{1000 + job}-0", {"event": "waiting", "jobId": str(job)})
     assert counts.pending == 3
     assert counts.dropped == 2
-    # The oldest were dropped: job 0 starts untimed, job 4 is timed.
+    # In a backlog the oldest start next: job 0 is timed, job 4 (refused) is not.
     counts.apply("q", "2000-0", {"event": "active", "jobId": "0", "prev": "waiting"})
     counts.apply("q", "2000-1", {"event": "active", "jobId": "4", "prev": "waiting"})
     assert counts.queues["q"].wait.cumulative()[-1] == 1
+
+
+def test_a_job_pending_for_over_an_hour_makes_room_when_the_map_is_full() -> None:
+    counts = EventCounts(max_pending=2)
+    counts.apply("q", "1000-0", {"event": "waiting", "jobId": "stale"})
+    counts.apply("q", "2000-0", {"event": "waiting", "jobId": "1"})
+    later = 1000 + STALE_MS + 1
+    counts.apply("q", f"{later}-0", {"event": "waiting", "jobId": "2"})
+    assert counts.dropped == 1
+    counts.apply("q", f"{later}-1", {"event": "active", "jobId": "2", "prev": "waiting"})
+    counts.apply("q", f"{later}-2", {"event": "active", "jobId": "stale", "prev": "waiting"})
+    assert counts.queues["q"].wait.cumulative()[-1] == 1  # job 2 timed, the stale one not
 
 
 def test_a_removed_job_leaves_the_pending_map() -> None:

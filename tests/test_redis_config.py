@@ -81,8 +81,13 @@ def test_the_password_may_come_from_a_variable(tmp_path: Path) -> None:
 BAD_REDIS = [
     ("      url: http://r/\n", "targets[0].redis.url (from"),
     ("      url: redis://\n", "targets[0].redis.url (from"),
-    (f"      url: redis://:{SECRET}@r/\n", "the URL holds a password"),
-    (f"      url: redis://u:{SECRET}@r/\n", "the URL holds a password"),
+    (f"      url: redis://:{SECRET}@r/\n", "the URL holds user info"),
+    (f"      url: redis://u:{SECRET}@r/\n", "the URL holds user info"),
+    (f"      url: redis://:{SECRET}@:6379\n", "the URL holds user info"),
+    (f"      url: redis://:{SECRET}@r:99999\n", "expected a port"),
+    (f"      url: http://:{SECRET}@r:6379\n", "the URL holds user info"),
+    (f"      url: redis//:{SECRET}@r\n", "targets[0].redis.url (from"),
+    (f"      url: redis://r/0?password={SECRET}\n", "expected no query"),
     ("      url: redis://r/db\n", "expected a database number"),
     ("      url: redis://r:99999\n", "expected a port"),
     ("      prefix: bull\n", "targets[0].redis.url: missing"),
@@ -126,15 +131,37 @@ def test_without_a_redis_url_there_is_no_redis_source() -> None:
     assert default.redis is None
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"redis://:{SECRET}@127.0.0.1/",
+        f"redis://:{SECRET}@:6379",
+        f"redis://:{SECRET}@host:99999",
+        f"http://:{SECRET}@host:6379",
+        f"redis//:{SECRET}@host",
+        f"redis://host/0?password={SECRET}",
+    ],
+)
 def test_a_password_in_the_redis_url_flag_exits_2_without_echoing_it(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], url: str
 ) -> None:
-    code = main(["--config.check", f"--redis.url=redis://:{SECRET}@127.0.0.1/"], {})
+    code = main(["--config.check", f"--redis.url={url}"], {})
     err = capsys.readouterr().err
     assert code == 2
     assert "redis.url (from --redis.url)" in err
     assert SECRET not in err
     assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "url",
+    [f"http://user:{SECRET}@host:99999/x", f"ftp://u:{SECRET}@h/", f"http://h:99999/?t={SECRET}"],
+)
+def test_a_bad_api_url_is_refused_without_echoing_its_credentials(
+    capsys: pytest.CaptureFixture[str], url: str
+) -> None:
+    assert main(["--config.check", f"--api.url={url}"], {}) == 2
+    assert SECRET not in capsys.readouterr().err
 
 
 def test_a_redis_url_beside_targets_is_refused(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,6 +25,8 @@ from upstream import (
     Answer,
     ExporterProcess,
     FakeStatsApi,
+    clean_environment,
+    exporter_command,
     running_exporter,
     wait_until,
 )
@@ -315,11 +318,18 @@ def test_a_queue_created_while_the_exporter_runs_is_counted_from_its_first_event
         driver.add_bulk("late", [{"name": "n", "data": {"ms": 1}} for _ in range(3)])
         driver.start_worker("late", "late-worker")
         driver.wait_finished("late", 3)
-        wait_until(
-            lambda: counted(exporter, "late")[0] == 3,
-            PATIENCE,
-            f"all three jobs of the new queue, got {counted(exporter, 'late')}",
-        )
+        # Prometheus takes a new series' first sample as its start: it must be 0, or
+        # increase() would never see these three jobs.
+        seen: list[float] = []
+
+        def shown() -> bool:
+            completed = counted(exporter, "late")[0]
+            if completed is not None:
+                seen.append(completed)
+            return completed == 3
+
+        wait_until(shown, PATIENCE, f"all three jobs of the new queue, seen {seen}")
+        assert seen[0] == 0
 
 
 def test_queue_names_map_renames_the_label(
@@ -468,3 +478,43 @@ def test_metrics_answer_within_the_deadline_when_redis_hangs(
         text = body.decode()
         assert "jobstats_redis_up 0.0" in text
         assert "jobstats_up 1.0" in text
+
+
+def check(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        exporter_command("check", *args),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_environment(),
+        check=False,
+    )
+
+
+def test_check_says_what_it_finds_in_the_redis_source(
+    api: FakeStatsApi, server: RedisServer, driver: BullmqDriver, tmp_path: Path
+) -> None:
+    driver.open_queue("inventory")
+    driver.add("inventory", "x", {"ms": 1})
+    result = check("--api.url", api.url, "--redis.url", server.url)
+    assert result.returncode == 0, result.stderr
+    assert (
+        f"Redis source {server.url}: reachable; 1 BullMQ queues under prefix 'bull': inventory"
+        in result.stdout
+    )
+
+
+def test_check_fails_in_one_line_when_the_redis_source_cannot_be_read(
+    api: FakeStatsApi, server: RedisServer, tmp_path: Path
+) -> None:
+    acl_user(server, README_ACL)
+    (tmp_path / "redis_password").write_text("not-" + PASSWORD)
+    config = write_config(
+        tmp_path, api, server, "      username: monitoring\n      password_file: redis_password\n"
+    )
+    result = check("--config.file", str(config))
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"jobstats-exporter check: Redis source {server.url}: unavailable:")
+    assert PASSWORD not in result.stderr + result.stdout
