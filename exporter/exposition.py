@@ -7,7 +7,7 @@ its per-sample cost. Nothing here reads the upstream, Redis or the clock.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client.core import (
@@ -95,18 +95,20 @@ def render_chunks(families: Sequence[Family | Histogram]) -> list[bytes]:
     return [chunk.encode() for chunk in _rendered(families)]
 
 
-class _Escaper:
-    """Label values escaped once per distinct value: a queue's name is in many samples."""
+def _escaper() -> Callable[[str], str]:
+    """Label values escaped once per distinct value: a queue's name is in many samples.
 
-    def __init__(self) -> None:
-        self._done: dict[str, str] = {}
+    A closure over a dict, not an object: it is called for every label of every sample.
+    """
+    done: dict[str, str] = {}
 
-    def __call__(self, raw: str) -> str:
-        text = self._done.get(raw)
+    def escape(raw: str) -> str:
+        text = done.get(raw)
         if text is None:
-            text = raw.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
-            self._done[raw] = text
+            text = done[raw] = raw.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
         return text
+
+    return escape
 
 
 def _template(name: str, keys: Sequence[str]) -> str:
@@ -125,7 +127,7 @@ def _header(name: str, help_text: str, kind: str) -> str:
 
 
 def _rendered(families: Sequence[Family | Histogram]) -> Iterator[str]:
-    escape = _Escaper()
+    escape = _escaper()
     for family in families:
         if isinstance(family, Histogram):
             yield _rendered_histogram(family, escape)
@@ -146,7 +148,7 @@ def _rendered(families: Sequence[Family | Histogram]) -> Iterator[str]:
         yield "".join(lines)
 
 
-def _rendered_histogram(family: Histogram, escape: _Escaper) -> str:
+def _rendered_histogram(family: Histogram, escape: Callable[[str], str]) -> str:
     name = family.name
     lines = [_header(name, family.help, "histogram")]
     bucket = _template(f"{name}_bucket", (*family.labels, "le"))
