@@ -13,9 +13,10 @@ import asyncio
 import base64
 import ssl
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from .model import Limits, Stats
 from .targets import RedisSource, Secret
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ __all__ = [
     "discover_queues",
     "oldest_waiting_ages",
     "queue_of_meta_key",
+    "read_card",
     "stream_key",
     "where",
     "workers_per_queue",
@@ -233,3 +235,33 @@ async def client_names(client: Redis) -> list[str]:
     ResponseError when the server or the ACL refuses CLIENT LIST.
     """
     return [entry.get("name", "") for entry in await client.client_list()]
+
+
+async def read_card(source: RedisSource, timeout: float, limits: Limits) -> Stats:
+    """The card of every queue under the source's prefix, read once (for `check`).
+
+    RedisError or OSError (TimeoutError included) when the source cannot be used.
+    """
+    from redis.exceptions import ResponseError
+
+    client = connect(source, read_timeout=timeout)
+    try:
+        async with asyncio.timeout(timeout):
+            found = sorted(await discover_queues(client, source.prefix))
+            usable = [name for name in found if len(name) <= limits.max_queue_name_length]
+            kept = usable[: limits.max_queues]
+            queues = Queues(source.prefix, {name: source.label(name) for name in kept})
+            try:
+                workers: dict[str, int] | None = workers_per_queue(
+                    await client_names(client), queues
+                )
+            except ResponseError:
+                workers = None
+            stats = await read_stats(client, queues, workers)
+    finally:
+        await client.aclose()
+    return replace(
+        stats,
+        dropped_queues=len(usable) - len(kept),
+        dropped_long_names=len(found) - len(usable),
+    )

@@ -28,7 +28,7 @@ from .errors import ConfigError, FetchError, ParseError
 from .logs import configure_logging
 from .model import parse_stats
 from .schedule import CronSchedules
-from .server import Exporter, MetricsServer, log
+from .server import Exporter, MetricsServer, log, source_of
 from .targets import Target
 from .webconfig import WebConfig, load_web_config
 
@@ -173,7 +173,7 @@ def _serve(config: Config, web: WebConfig | None, announce: str | None = None) -
         "listening",
         extra={
             "address": server.url,
-            "api_url": redact_url(config.targets[0].url),
+            "api_url": source_of(config.targets[0]),
             "targets": ",".join(target.name for target in config.targets),
             "version": __version__,
         },
@@ -198,10 +198,13 @@ def _check(config: Config, name: str | None) -> int:
             f"{PROG} check: no target {name!r}; the targets are {', '.join(names)}", file=sys.stderr
         )
         return 2
+    target = next(t for t in config.targets if t.name == (name or names[0]))
+    if target.url is None:
+        return _check_redis_only(config, target)
     exporter = Exporter(config, tail=False)
     try:
         client = exporter.client_for(name)
-        target = client.target
+        assert client is not None
         stats = parse_stats(client.fetch(target.timeout).body, config.limits)
     except (FetchError, ParseError) as error:
         print(f"{PROG} check: {error.reason}: {error}", file=sys.stderr)
@@ -213,6 +216,31 @@ def _check(config: Config, name: str | None) -> int:
     sys.stdout.write(render_card(stats, time.time(), schedules, redact_url(target.url), color))
     redis_usable = _check_redis(target) if target.redis is not None else True
     return 1 if stats.invalid or not redis_usable else 0
+
+
+def _check_redis_only(config: Config, target: Target) -> int:
+    """The card of a target without a stats API, read once from its Redis source."""
+    import asyncio
+
+    from redis.exceptions import RedisError
+
+    from .bullmq import read_card, where
+
+    assert target.redis is not None
+    source = target.redis
+    try:
+        stats = asyncio.run(read_card(source, target.timeout, config.limits))
+    except (RedisError, OSError) as error:
+        text = str(error).strip() or "no answer in time"
+        print(
+            f"{PROG} check: connect: {where(source)}: {type(error).__name__}: {text}",
+            file=sys.stderr,
+        )
+        return 1
+    color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    schedules = CronSchedules(config.cron_timezone)
+    sys.stdout.write(render_card(stats, time.time(), schedules, where(source), color))
+    return 1 if stats.invalid else 0
 
 
 def _check_redis(target: Target) -> bool:

@@ -106,6 +106,9 @@ class StatsClient:
         self.target = target
         self._own_loop = loop is None
         self._loop = loop or EventLoop()
+        if target.url is None:
+            raise ValueError(f"target {target.name} has no stats API to read")
+        self._url: str = target.url
         self._where = redact_url(target.url)
         # Touched on the loop thread only, so they need no lock.
         self._inflight: asyncio.Future[bytes] | None = None
@@ -114,7 +117,7 @@ class StatsClient:
 
     @property
     def url(self) -> str:
-        return self.target.url
+        return self._url
 
     async def _make_client(self, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
         # Built on the loop thread, where it will be used.
@@ -132,7 +135,7 @@ class StatsClient:
     def _verify(self) -> ssl.SSLContext | bool:
         # A plain-HTTP target never makes a TLS connection (redirects are not followed), so
         # it need not load the system's CA bundle: about 3 MiB per client.
-        if httpx.URL(self.target.url).scheme == "http":
+        if httpx.URL(self._url).scheme == "http":
             return False
         return self.target.tls.verify()
 
@@ -201,7 +204,7 @@ class StatsClient:
             async with asyncio.timeout(timeout):
                 async with self._client.stream(
                     "GET",
-                    self.target.url,
+                    self._url,
                     headers=headers,
                     auth=auth,
                     timeout=httpx.Timeout(timeout),

@@ -77,7 +77,7 @@ class JobStatsCollector(Collector):
 
     def __init__(
         self,
-        client: StatsClient,
+        client: StatsClient | None,
         timeout: float,
         schedules: CronSchedules,
         errors: ScrapeErrors,
@@ -106,10 +106,19 @@ class JobStatsCollector(Collector):
         age = 0.0
         # Started first, so the Redis reads run while the API answers.
         view = self.redis_view(self.timeout) if self.redis_view is not None else None
+        redis: RedisView | None = None
         try:
-            fetched = self.client.fetch(self.timeout)
-            age = fetched.age
-            stats: Stats | None = parse_stats(fetched.body, self.limits)
+            if self.client is not None:
+                fetched = self.client.fetch(self.timeout)
+                age = fetched.age
+                stats: Stats | None = parse_stats(fetched.body, self.limits)
+            else:
+                # No stats API: the card comes from the Redis source, read under the deadline.
+                assert view is not None, "a target without a stats API has a Redis source"
+                redis = view.result(self.timeout + 5)
+                if redis.card_error is not None:
+                    raise redis.card_error
+                stats = redis.card
         except (FetchError, ParseError) as error:
             self.errors.count(error.reason)
             log.warning("scrape failed", extra={"reason": error.reason, "err": str(error)})
@@ -149,7 +158,7 @@ class JobStatsCollector(Collector):
             families.extend(self._stats_families(stats))
         if view is not None:
             # The view keeps to the same deadline; the margin only guards against a bug.
-            families.extend(redis_families(view.result(self.timeout + 5)))
+            families.extend(redis_families(redis or view.result(self.timeout + 5)))
         families.append(
             Family(
                 "jobstats_exporter_build",

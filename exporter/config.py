@@ -29,17 +29,28 @@ from .targets import (
     parse_targets,
 )
 
-__all__ = ["DEFAULT_PORT", "SETTINGS", "Config", "Setting", "load_config", "parse_listen_address"]
+__all__ = [
+    "DEFAULT_API_URL",
+    "DEFAULT_PORT",
+    "SETTINGS",
+    "Config",
+    "Setting",
+    "load_config",
+    "parse_listen_address",
+]
 
 #: Not taken by a well-known service nor, when chosen, by Prometheus' port allocations list.
 DEFAULT_PORT = 9787
+#: The stats API read when none is given, unless a Redis source is given instead.
+DEFAULT_API_URL = "http://localhost:3001/api/jobs/stats"
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
     """Everything the exporter needs to run, already validated."""
 
-    api_url: str = "http://localhost:3001/api/jobs/stats"
+    #: None: DEFAULT_API_URL, unless redis_url is set (a target read from Redis alone).
+    api_url: str | None = None
     api_timeout: float = 10.0
     api_max_body_size: int = DEFAULT_MAX_BODY_BYTES
     api_min_interval: float = 0.0
@@ -71,10 +82,11 @@ class Config:
                 prefix=self.redis_prefix,
                 password=Secret(f"file {password}", file=password) if password else None,
             )
+        url = self.api_url or (None if self.redis_url else DEFAULT_API_URL)
         return (
             Target(
                 name="default",
-                url=self.api_url,
+                url=url,
                 timeout=self.api_timeout,
                 max_body_size=self.api_max_body_size,
                 min_interval=self.api_min_interval,

@@ -17,10 +17,12 @@ import time
 from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from . import bullmq
+from .errors import FetchError
+from .model import Stats
 from .targets import RedisSource
 
 if TYPE_CHECKING:
@@ -243,6 +245,10 @@ class RedisView:
     oldest_waiting: Mapping[str, float] | None
     workers: Mapping[str, int] | None
     timings_dropped: int
+    #: The card read from Redis, for a target without a stats API; else None.
+    card: Stats | None = None
+    #: Why the card could not be read this scrape (a target without a stats API only).
+    card_error: FetchError | None = None
 
 
 class Tailer:
@@ -261,8 +267,11 @@ class Tailer:
         discovery_interval: float = CHECK_INTERVAL,
         connect: Callable[[RedisSource], Redis] = bullmq.connect,
         clock: Callable[[], float] = time.time,
+        card: bool = False,
     ) -> None:
         self.source = source
+        #: Read the card too (counts, status, schedules): the target has no stats API.
+        self.card = card
         self.max_queues = max_queues
         self.max_name_length = max_name_length
         self.discovery_interval = discovery_interval
@@ -515,6 +524,8 @@ class Tailer:
         """This scrape's view: counters from memory, the rest read within `deadline` s.
 
         Scrapes that arrive while a read is in flight share it, each under its own deadline.
+        A tailer that reads the card (a target without a stats API) hands a failed read to
+        the caller, which logs it as a failed scrape; any other logs it here.
         """
         from redis.exceptions import RedisError
 
@@ -524,26 +535,31 @@ class Tailer:
             position.shown = True
         oldest: Mapping[str, float] | None = None
         workers: Mapping[str, int] | None = None
-        up = False
+        card: Stats | None = None
+        error: FetchError | None = None
         client = self._client
-        if client is not None and self.connected:
+        if client is None or not self.connected:
+            error = FetchError("connect", f"{self._where}: not connected")
+        else:
             if self._inflight is None:
                 self._inflight = asyncio.ensure_future(self._read_state(client))
                 self._inflight.add_done_callback(self._read_done)
             try:
                 async with asyncio.timeout(deadline):
-                    oldest, workers = await asyncio.shield(self._inflight)
-                up = True
+                    oldest, workers, card = await asyncio.shield(self._inflight)
             except TimeoutError:
-                log.warning(
-                    "redis source read timed out",
-                    extra={"redis": self._where, "timeout": round(deadline, 3)},
+                error = FetchError(
+                    "timeout", f"{self._where}: no complete answer within {deadline:g}s"
                 )
-            except (RedisError, OSError) as error:
-                log.warning(
-                    "redis source read failed",
-                    extra={"redis": self._where, "err": _describe(error)},
-                )
+            except (RedisError, OSError) as failure:
+                error = FetchError("connect", f"{self._where}: {_describe(failure)}")
+            else:
+                if card is not None:
+                    card = replace(card, dropped_queues=self._left_out[1])
+        if error is not None and not self.card and self.connected:
+            log.warning(
+                "redis source read failed", extra={"reason": error.reason, "err": str(error)}
+            )
         now = self.clock()
         if self.counts.dropped > self._dropped_logged and now >= self._dropped_log_after:
             # Under a lasting backlog this grows at every scrape: say so now and then.
@@ -553,16 +569,26 @@ class Tailer:
             )
             self._dropped_logged = self.counts.dropped
             self._dropped_log_after = now + DROPPED_LOG_INTERVAL
-        return RedisView(up, counts, oldest, workers, self.counts.dropped)
+        return RedisView(
+            error is None,
+            counts,
+            oldest,
+            workers,
+            self.counts.dropped,
+            card,
+            error if self.card else None,
+        )
 
     async def _read_state(
         self, client: Redis
-    ) -> tuple[Mapping[str, float], Mapping[str, int] | None]:
+    ) -> tuple[Mapping[str, float], Mapping[str, int] | None, Stats | None]:
         from redis.exceptions import ResponseError
 
         queues = self.queues
         oldest = await bullmq.oldest_waiting_ages(client, queues, self.clock())
-        return oldest, await self._workers(client, queues, ResponseError)
+        workers = await self._workers(client, queues, ResponseError)
+        card = await bullmq.read_stats(client, queues, workers) if self.card else None
+        return oldest, workers, card
 
     def _read_done(self, read: asyncio.Future[Any]) -> None:
         self._inflight = None

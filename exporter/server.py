@@ -108,7 +108,9 @@ def scrape_timeout(configured: float, header: str | None) -> float:
 
 @dataclass(frozen=True, slots=True)
 class _TargetState:
-    client: StatsClient
+    target: Target
+    #: The stats API's client; None for a target read from its Redis source alone.
+    client: StatsClient | None
     errors: ScrapeErrors
     #: The tailer of the target's BullMQ Redis, and its task; None without one.
     tailer: Tailer | None = None
@@ -140,9 +142,9 @@ class Exporter:
     def _target_state(
         self, target: Target, transport: httpx.AsyncBaseTransport | None, tail: bool
     ) -> _TargetState:
-        client = StatsClient(target, transport, self._loop)
+        client = StatsClient(target, transport, self._loop) if target.url else None
         if target.redis is None or not tail:
-            return _TargetState(client, ScrapeErrors())
+            return _TargetState(target, client, ScrapeErrors())
         from .events import Tailer  # only a Redis source loads redis-py
 
         limits = self.config.limits
@@ -151,13 +153,16 @@ class Exporter:
             limits.max_queues,
             limits.max_queue_name_length,
             target.redis.discovery_interval,
+            # Without a stats API, the card itself comes from Redis.
+            card=client is None,
         )
         task = self._loop.submit(tailer.run())
         task.add_done_callback(_report_crash)
-        return _TargetState(client, ScrapeErrors(), tailer, task)
+        return _TargetState(target, client, ScrapeErrors(), tailer, task)
 
-    def client_for(self, target: str | None) -> StatsClient:
-        """The client of `target` (default: the first); UnknownTargetError if none."""
+    def client_for(self, target: str | None) -> StatsClient | None:
+        """The stats API client of `target` (default: the first), None when it has no API;
+        UnknownTargetError if there is no such target."""
         return self._state(target).client
 
     def _state(self, target: str | None) -> _TargetState:
@@ -172,7 +177,7 @@ class Exporter:
         """A registry for one scrape of `target` (default: the first): stats plus process_*."""
         state = self._state(target)
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(self._collector(state, timeout or state.client.target.timeout))
+        registry.register(self._collector(state, timeout or state.target.timeout))
         registry.register(self._process)
         return registry
 
@@ -198,7 +203,7 @@ class Exporter:
         UnknownTargetError when `target` is not configured.
         """
         state = self._state(target)
-        timeout = scrape_timeout(state.client.target.timeout, timeout_header)
+        timeout = scrape_timeout(state.target.timeout, timeout_header)
         if wants_openmetrics(accept):
             encoder, content_type = choose_encoder(accept or "")
             return [encoder(self.registry(timeout, target))], content_type
@@ -217,7 +222,7 @@ class Exporter:
     def landing_page(self) -> bytes:
         rows = "\n".join(
             f'<li><a href="/probe?target={html.escape(name)}">{html.escape(name)}</a>:'
-            f" <code>{html.escape(redact_url(state.client.url))}</code></li>"
+            f" <code>{html.escape(source_of(state.target))}</code></li>"
             for name, state in self._targets.items()
         )
         default = html.escape(self.default_target)
@@ -245,8 +250,19 @@ Reads a job stats API once per scrape.</p>
             if state.task is not None and state.tailer is not None:
                 state.task.cancel()
                 self._loop.run(state.tailer.close())
-            state.client.close()
+            if state.client is not None:
+                state.client.close()
         self._loop.close()
+
+
+def source_of(target: Target) -> str:
+    """Where a target's stats come from, without credentials: for pages and logs."""
+    if target.url is not None:
+        return redact_url(target.url)
+    assert target.redis is not None
+    from .bullmq import where
+
+    return f"{where(target.redis)} (BullMQ's Redis only)"
 
 
 def _report_crash(task: concurrent.futures.Future[None]) -> None:

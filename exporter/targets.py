@@ -142,10 +142,12 @@ def parse_redis_url(value: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One stats API: where, how long to wait, how much to read, and how to get in."""
+    """One backend: its stats API (where, how long to wait, how much to read, how to get
+    in), its BullMQ Redis, or both."""
 
     name: str
-    url: str
+    #: The stats API; None for a target read from its Redis source alone.
+    url: str | None
     timeout: float
     max_body_size: int
     #: Answer from the last result while it is younger than this; 0 fetches on every scrape.
@@ -244,8 +246,8 @@ def _target(
         raise ConfigError(
             f"{where}.name: expected letters, digits, '_', '.' or '-' (64 at most), got {name!r}"
         )
-    if "url" not in fields:
-        raise ConfigError(f"{where}.url: missing in {path}")
+    if "url" not in fields and "redis" not in fields:
+        raise ConfigError(f"{where}.url: missing in {path} (or give a redis section)")
     values: dict[str, Any] = {}
     for key in ("url", "timeout", "max_body_size", "min_interval"):
         if key not in fields:

@@ -13,7 +13,7 @@ from exporter.errors import ConfigError
 
 def test_defaults_without_flags_variables_or_file() -> None:
     assert load_config({}, {}) == Config()
-    assert Config().api_url == "http://localhost:3001/api/jobs/stats"
+    assert Config().targets[0].url == "http://localhost:3001/api/jobs/stats"
     assert Config().api_timeout == 10.0
     assert Config().web_listen_address == ":9787"
     assert Config().cron_timezone == "UTC"

@@ -207,3 +207,24 @@ def test_workers_are_counted_from_bullmq_s_connection_names() -> None:
 def test_every_queue_has_a_worker_count_even_with_none_connected() -> None:
     queues = Queues("bull", {"inventory": "inventory"})
     assert workers_per_queue([], queues) == {"inventory": 0}
+
+
+def test_a_redis_url_without_an_api_url_is_a_target_without_a_stats_api() -> None:
+    (default,) = load_config({"redis.url": "redis://127.0.0.1/0"}, {}).targets
+    assert default.url is None
+    assert default.redis is not None
+
+
+def test_with_an_api_url_given_the_redis_source_is_read_beside_it() -> None:
+    (default,) = load_config(
+        {"redis.url": "redis://127.0.0.1/0"}, {"JOBSTATS_API_URL": "http://api.test/stats"}
+    ).targets
+    assert default.url == "http://api.test/stats"
+    assert default.redis is not None
+
+
+def test_a_target_with_a_redis_section_needs_no_url(tmp_path: Path) -> None:
+    file = tmp_path / "config.yml"
+    file.write_text("targets:\n  - name: shop\n    redis:\n      url: redis://r\n")
+    (target,) = load_config({"config.file": str(file)}, {}).targets
+    assert target.url is None
