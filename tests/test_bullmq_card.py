@@ -8,6 +8,7 @@ state that holds still, then compares `read_stats` with the driver's `state()`
 from __future__ import annotations
 
 import asyncio
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +19,16 @@ from redis.asyncio import Redis
 from exporter.bullmq import Queues, client_names, discover_queues, read_stats, workers_per_queue
 from exporter.model import QueueStats, RecurringJobs, Stats
 
-from bullmq_stack import BullmqDriver, QueueView, RedisServer, running_driver, running_redis
-from upstream import wait_until
+from alerting_stack import require_tool
+from bullmq_stack import (
+    BULLMQ_DIR,
+    BullmqDriver,
+    QueueView,
+    RedisServer,
+    running_driver,
+    running_redis,
+)
+from upstream import HOST, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -239,3 +248,30 @@ def test_without_client_list_the_status_is_unknown(
             await client.aclose()
 
     assert asyncio.run(main()).queues[0].status == "unknown"
+
+
+def test_a_parent_waiting_for_its_children_equals_what_bullmq_reports(
+    driver: BullmqDriver, redis_server: RedisServer
+) -> None:
+    # The driver has no flow command: a FlowProducer of the same pinned bullmq adds one.
+    node = require_tool("node")
+    script = (
+        "import { FlowProducer } from 'bullmq';"
+        f"const flows = new FlowProducer({{ connection: {{ host: '{HOST}', "
+        f"port: {redis_server.port} }} }});"
+        "await flows.add({ name: 'parent', queueName: 'orders', "
+        "children: [{ name: 'child', queueName: 'lines' }] });"
+        "await flows.close();"
+    )
+    subprocess.run(
+        [node, "--input-type=module", "-e", script],
+        cwd=BULLMQ_DIR,
+        check=True,
+        timeout=60,
+        capture_output=True,
+    )
+
+    stats = assert_equal_to_bullmq(driver, redis_server.url, ["orders", "lines"])
+
+    assert dict(by_name(stats)["orders"].extra_states)["waiting-children"] == 1
+    assert by_name(stats)["lines"].waiting == 1
