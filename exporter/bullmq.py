@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import ssl
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
-from .model import Limits, Stats
+from .errors import ParseError
+from .model import MAX_COUNT, MAX_TIMESTAMP_MS, Limits, QueueStats, RecurringJobs, Stats
 from .targets import RedisSource, Secret
 
 if TYPE_CHECKING:
@@ -31,6 +33,7 @@ __all__ = [
     "oldest_waiting_ages",
     "queue_of_meta_key",
     "read_card",
+    "read_stats",
     "stream_key",
     "where",
     "workers_per_queue",
@@ -265,3 +268,194 @@ async def read_card(source: RedisSource, timeout: float, limits: Limits) -> Stat
         dropped_queues=len(usable) - len(kept),
         dropped_long_names=len(found) - len(usable),
     )
+
+
+# What one queue's reply holds, in pipeline order: (kind of key, Redis type it must be).
+_LIST_COUNTS = ("wait", "paused", "active")
+_ZSET_COUNTS = ("completed", "failed", "delayed", "prioritized", "waiting-children")
+#: Commands per queue in read_stats' first pipeline.
+_PER_QUEUE = 1 + 2 * 2 + 1 + len(_ZSET_COUNTS) + 1
+
+
+async def read_stats(client: Redis, queues: Queues, workers: Mapping[str, int] | None) -> Stats:
+    """The card of every queue, as BullMQ's own calls report it; read-only, two round trips.
+
+    Supported: BullMQ 5 and 6 (read from 5.81 and 6.7), whose layouts differ only where
+    a paused queue keeps its jobs. Counts are `Queue.getJobCounts()`'s: `waiting` is the
+    `wait` list, `active` the `active` list, the others the sorted sets' sizes; a legacy
+    "0:<delay>" marker at the tail of `wait` or `paused` is no job (BullMQ's script drops it).
+    `prioritized`, `waiting-children` and `paused` are extra states. `paused` is always
+    exported: BullMQ 5 moves a paused queue's jobs there (and `waiting` drops to 0), while
+    BullMQ 6 leaves them in `wait` and its `paused` list only holds what a BullMQ 5 pause
+    left before an upgrade, normally 0; both count it in getJobCounts('paused').
+
+    Status: "paused" when the meta hash has `paused` (as `isPaused()`), else "stopped" when
+    `workers` counts no worker for the queue's label, else "active". `workers` is None when
+    the server refuses CLIENT LIST: then nothing tells a stopped queue from an active one,
+    and "unknown" says so rather than guess either.
+
+    Recurring jobs are `getJobSchedulers()`: the `repeat` sorted set (score: next run, ms)
+    whose members have a `repeat:<id>` hash; count, soonest next run, and its `pattern`
+    (None for an `every` scheduler). A member with no hash but a legacy repeatable key's
+    shape (`name:id:endDate:tz:pattern`, BullMQ < 5.16) counts as BullMQ 5 reports it,
+    pattern from the key; any other member without a hash is skipped, as BullMQ does.
+
+    A key of the wrong type or a score that is no timestamp makes that queue invalid: a
+    ParseError naming the key in `Stats.invalid`; the other queues are still returned.
+    The first round trip reads every queue's keys; the second the scheduler hashes.
+    """
+    prefix = queues.prefix
+    names = list(queues.labels)
+    async with client.pipeline(transaction=False) as pipe:
+        for name in names:
+            base = f"{prefix}:{name}:"
+            pipe.hexists(base + "meta", "paused")
+            for kind in ("wait", "paused"):
+                pipe.llen(base + kind)
+                pipe.lindex(base + kind, -1)
+            pipe.llen(base + "active")
+            for kind in _ZSET_COUNTS:
+                pipe.zcard(base + kind)
+            pipe.zrange(base + "repeat", 0, -1, withscores=True)
+        replies = await pipe.execute(raise_on_error=False)
+
+    invalid: dict[str, ParseError] = {}
+    read: dict[str, tuple[bool, dict[str, int], list[tuple[str, Any]]]] = {}
+    for index, name in enumerate(names):
+        reply = replies[_PER_QUEUE * index : _PER_QUEUE * (index + 1)]
+        try:
+            read[name] = _queue_reply(prefix, name, reply)
+        except ParseError as error:
+            invalid[name] = error
+
+    members = [(name, member) for name, (_, _, sched) in read.items() for member, _ in sched]
+    hashes: list[Any] = []
+    if members:
+        async with client.pipeline(transaction=False) as pipe:
+            for name, member in members:
+                key = f"{prefix}:{name}:repeat:{member}"
+                pipe.exists(key)
+                pipe.hmget(key, "pattern", "every")
+            hashes = await pipe.execute(raise_on_error=False)
+    found: dict[tuple[str, str], Any] = {
+        pair: hashes[2 * i : 2 * i + 2] for i, pair in enumerate(members)
+    }
+
+    result: list[QueueStats] = []
+    for name, (paused, counts, schedulers) in read.items():
+        label = queues.labels[name]
+        try:
+            recurring = _recurring(prefix, name, schedulers, found)
+        except ParseError as error:
+            invalid[name] = error
+            continue
+        if paused:
+            status = "paused"
+        elif workers is None:
+            status = "unknown"
+        else:
+            status = "stopped" if workers.get(label, 0) == 0 else "active"
+        result.append(
+            QueueStats(
+                name=label,
+                waiting=counts["wait"],
+                active=counts["active"],
+                completed=counts["completed"],
+                failed=counts["failed"],
+                delayed=counts["delayed"],
+                extra_states=(
+                    ("prioritized", counts["prioritized"]),
+                    ("waiting-children", counts["waiting-children"]),
+                    ("paused", counts["paused"]),
+                ),
+                status=status,
+                status_text=status,
+                recurring=recurring,
+            )
+        )
+    result.sort(key=lambda queue: queue.name)
+    errors = sorted(invalid.items(), key=lambda item: queues.labels[item[0]])
+    return Stats(
+        redis_available=True,
+        redis_status="enabled",
+        queues=tuple(result),
+        invalid=tuple(error for _, error in errors),
+    )
+
+
+def _queue_reply(
+    prefix: str, name: str, reply: Sequence[Any]
+) -> tuple[bool, dict[str, int], list[tuple[str, Any]]]:
+    """(paused, counts by key kind, scheduler members with their scores) from one queue's reply."""
+    base = f"{prefix}:{name}:"
+    kinds = ["meta", "wait", "wait", "paused", "paused", "active", *_ZSET_COUNTS, "repeat"]
+    for kind, value in zip(kinds, reply, strict=True):
+        if isinstance(value, Exception):
+            raise _layout_error(base + kind, value)
+    paused_flag, wait_len, wait_tail, paused_len, paused_tail, active, *rest = reply
+    *zset_counts, schedulers = rest
+    counts = {
+        "wait": _without_marker(wait_len, wait_tail),
+        "paused": _without_marker(paused_len, paused_tail),
+        "active": active,
+        **dict(zip(_ZSET_COUNTS, zset_counts, strict=True)),
+    }
+    for kind, count in counts.items():
+        if not (type(count) is int and 0 <= count <= MAX_COUNT):
+            raise ParseError("invalid_payload", base + kind, f"expected a count, got {count!r}")
+    return bool(paused_flag), counts, [(str(member), score) for member, score in schedulers]
+
+
+def _without_marker(length: int, tail: str | None) -> int:
+    # BullMQ 5 and older leave a "0:<delay>" marker at the tail; getJobCounts() does not count it.
+    if tail is not None and tail.startswith("0:"):
+        return max(length - 1, 0)
+    return length
+
+
+def _recurring(
+    prefix: str,
+    name: str,
+    schedulers: Sequence[tuple[str, Any]],
+    found: Mapping[tuple[str, str], Any],
+) -> RecurringJobs:
+    """Count, soonest next run and its pattern; count 0 and nulls with no scheduler."""
+    soonest: tuple[int, str | None] | None = None
+    count = 0
+    for member, score in schedulers:
+        key = f"{prefix}:{name}:repeat:{member}"
+        exists, fields = found[(name, member)]
+        for value in (exists, fields):
+            if isinstance(value, Exception):
+                raise _layout_error(key, value)
+        if exists:
+            pattern = fields[0] or None
+        elif member.count(":") >= 4:
+            pattern = ":".join(member.split(":")[4:]) or None
+        else:
+            continue
+        next_run = _timestamp(score, f"{prefix}:{name}:repeat", member)
+        count += 1
+        if soonest is None or next_run < soonest[0]:
+            soonest = (next_run, pattern)
+    if soonest is None:
+        return RecurringJobs(count=count, next_run_ms=None, cron=None)
+    return RecurringJobs(count=count, next_run_ms=soonest[0], cron=soonest[1])
+
+
+def _timestamp(score: Any, key: str, member: str) -> int:
+    try:
+        value = float(score)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value.is_integer() and 0 <= value <= MAX_TIMESTAMP_MS):
+        raise ParseError(
+            "invalid_payload",
+            key,
+            f"expected a next run in milliseconds as the score of {member!r}, got {score!r}",
+        )
+    return int(value)
+
+
+def _layout_error(key: str, error: Exception) -> ParseError:
+    return ParseError("invalid_payload", key, f"not BullMQ's layout: {error}")
