@@ -34,6 +34,7 @@ __all__ = [
     "QueueView",
     "RedisServer",
     "ensure_node_modules",
+    "redis_target_config",
     "running_driver",
     "running_redis",
 ]
@@ -480,3 +481,26 @@ def running_driver(
         with suppress(AssertionError, DriverError, OSError, subprocess.TimeoutExpired):
             driver.quit()
         driver.stop()
+
+
+def redis_target_config(
+    directory: Path, api_url: str | None, redis_url: str, extra: str = "", timeout: str = "2s"
+) -> Path:
+    """An exporter config file whose one target, `shop`, reads the stats API at `api_url`
+    (none when None) and the BullMQ Redis at `redis_url`, looking for new queues every
+    second, with `timeout`; `extra` adds lines to its `redis:` section."""
+    directory.mkdir(parents=True, exist_ok=True)
+    config = directory / "jobstats.yml"
+    url = f"    url: {api_url}\n" if api_url else ""
+    config.write_text(
+        "targets:\n"
+        "  - name: shop\n"
+        f"{url}"
+        f"    timeout: {timeout}\n"
+        "    redis:\n"
+        f"      url: {redis_url}\n"
+        "      discovery_interval: 1s\n"
+        f"{extra}",
+        encoding="utf-8",
+    )
+    return config

@@ -29,7 +29,14 @@ from alerting_stack import (
     running_prometheus,
     write_prometheus_config,
 )
-from bullmq_stack import BullmqDriver, DriverError, RedisServer, running_driver, running_redis
+from bullmq_stack import (
+    BullmqDriver,
+    DriverError,
+    RedisServer,
+    redis_target_config,
+    running_driver,
+    running_redis,
+)
 from upstream import HOST, Answer, ExporterProcess, FakeStatsApi, free_port, running_exporter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -908,19 +915,7 @@ def query_at(port: int, promql: str, at: float) -> list[Series]:
 
 def redis_config(directory: Path, api: FakeStatsApi, server: RedisServer) -> Path:
     """An exporter config whose one target reads `api` and the BullMQ Redis `server`."""
-    directory.mkdir(parents=True, exist_ok=True)
-    config = directory / "jobstats.yml"
-    config.write_text(
-        "targets:\n"
-        "  - name: shop\n"
-        f"    url: {api.url}\n"
-        "    timeout: 2s\n"
-        "    redis:\n"
-        f"      url: {server.url}\n"
-        "      discovery_interval: 1s\n",
-        encoding="utf-8",
-    )
-    return config
+    return redis_target_config(directory, api.url, server.url)
 
 
 @dataclass

@@ -33,7 +33,13 @@ from alerting_stack import (
     write_alertmanager_config,
     write_prometheus_config,
 )
-from bullmq_stack import BullmqDriver, RedisServer, running_driver, running_redis
+from bullmq_stack import (
+    BullmqDriver,
+    RedisServer,
+    redis_target_config,
+    running_driver,
+    running_redis,
+)
 from upstream import HOST, Answer, ExporterProcess, FakeStatsApi, free_port, running_exporter
 
 pytestmark = pytest.mark.integration
@@ -71,18 +77,7 @@ def answer_from(counts: dict[str, int]) -> Answer:
 
 
 def write_exporter_config(directory: Path, api: FakeStatsApi, server: RedisServer) -> Path:
-    config = directory / "jobstats.yml"
-    config.write_text(
-        "targets:\n"
-        "  - name: shop\n"
-        f"    url: {api.url}\n"
-        "    timeout: 1s\n"
-        "    redis:\n"
-        f"      url: {server.url}\n"
-        "      discovery_interval: 1s\n",
-        encoding="utf-8",
-    )
-    return config
+    return redis_target_config(directory, api.url, server.url, timeout="1s")
 
 
 def scrape_every(config: Path, exporters: Sequence[ExporterProcess]) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -88,12 +88,11 @@ def test_redis_down_keeps_the_counters_and_leaves_out_what_needs_a_read() -> Non
     assert "jobstats_redis_up 0.0\n" in text
 
 
-def test_a_scrape_with_a_redis_source_shows_both_sources() -> None:
+def scrape(handler: Callable[[httpx.Request], httpx.Response]) -> tuple[str, list[float]]:
+    """One scrape of a target whose API answers by `handler` and whose Redis source shows
+    the capture; the text, and the deadlines the Redis read was given."""
     target = Target(name="t", url="http://api.test/", timeout=5.0, max_body_size=1 << 20)
-    transport = httpx.MockTransport(
-        lambda request: httpx.Response(200, content=sample_bytes("enabled"))
-    )
-    client = StatsClient(target, transport)
+    client = StatsClient(target, httpx.MockTransport(handler))
     deadlines: list[float] = []
 
     def view(deadline: float) -> concurrent.futures.Future[RedisView]:
@@ -106,9 +105,13 @@ def test_a_scrape_with_a_redis_source_shows_both_sources() -> None:
         collector = JobStatsCollector(
             client, 4.0, CronSchedules("UTC"), ScrapeErrors(), redis_view=view
         )
-        text = render_text(collector.families())
+        return render_text(collector.families()), deadlines
     finally:
         client.close()
+
+
+def test_a_scrape_with_a_redis_source_shows_both_sources() -> None:
+    text, deadlines = scrape(lambda request: httpx.Response(200, content=sample_bytes("enabled")))
     assert deadlines == [4.0]
     assert "jobstats_up 1.0\n" in text
     assert 'jobstats_queue_jobs_failed_total{queue="inventory"} 2.0\n' in text
@@ -116,25 +119,10 @@ def test_a_scrape_with_a_redis_source_shows_both_sources() -> None:
 
 
 def test_an_api_down_scrape_still_shows_the_redis_counters() -> None:
-    target = Target(name="t", url="http://api.test/", timeout=5.0, max_body_size=1 << 20)
-
     def refuse(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("refused", request=request)
 
-    client = StatsClient(target, httpx.MockTransport(refuse))
-
-    def view(deadline: float) -> concurrent.futures.Future[RedisView]:
-        future: concurrent.futures.Future[RedisView] = concurrent.futures.Future()
-        future.set_result(captured_view())
-        return future
-
-    try:
-        collector = JobStatsCollector(
-            client, 4.0, CronSchedules("UTC"), ScrapeErrors(), redis_view=view
-        )
-        text = render_text(collector.families())
-    finally:
-        client.close()
+    text, _ = scrape(refuse)
     assert "jobstats_up 0.0\n" in text
     assert "jobstats_redis_up 1.0\n" in text
     assert 'jobstats_queue_jobs_completed_total{queue="inventory"} 2.0\n' in text

@@ -19,7 +19,13 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from bullmq_stack import BullmqDriver, RedisServer, running_driver, running_redis
+from bullmq_stack import (
+    BullmqDriver,
+    RedisServer,
+    redis_target_config,
+    running_driver,
+    running_redis,
+)
 from samples import sample
 from upstream import (
     Answer,
@@ -53,18 +59,7 @@ def value(exporter: ExporterProcess, name: str, **labels: str) -> float | None:
 
 
 def write_config(directory: Path, api: FakeStatsApi, server: RedisServer, extra: str = "") -> Path:
-    config = directory / "jobstats.yml"
-    config.write_text(
-        "targets:\n"
-        "  - name: shop\n"
-        f"    url: {api.url}\n"
-        "    timeout: 2s\n"
-        "    redis:\n"
-        f"      url: {server.url}\n"
-        "      discovery_interval: 1s\n"
-        f"{extra}"
-    )
-    return config
+    return redis_target_config(directory, api.url, server.url, extra)
 
 
 @pytest.fixture
