@@ -13,7 +13,13 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bullmq_stack import BullmqDriver, RedisServer, running_driver, running_redis
+from bullmq_stack import (
+    BullmqDriver,
+    RedisServer,
+    redis_target_config,
+    running_driver,
+    running_redis,
+)
 from upstream import (
     ExporterProcess,
     clean_environment,
@@ -68,16 +74,8 @@ def driver(server: RedisServer, tmp_path: Path) -> Iterator[BullmqDriver]:
 
 
 def redis_only(server: RedisServer, tmp_path: Path) -> list[str]:
-    config = tmp_path / "jobstats.yml"
-    config.write_text(
-        "targets:\n"
-        "  - name: shop\n"
-        "    timeout: 3s\n"
-        "    redis:\n"
-        f"      url: {server.url}\n"
-        "      discovery_interval: 1s\n"
-    )
-    return ["--config.file", str(config)]
+    """The flags of an exporter whose one target has no stats API, only `server`."""
+    return ["--config.file", str(redis_target_config(tmp_path, None, server.url))]
 
 
 def bullmq_counts(driver: BullmqDriver, queue: str) -> dict[str, float]:
