@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from bullmq_stack import (
@@ -212,3 +213,35 @@ def test_the_command_line_s_redis_url_alone_is_a_redis_only_target(
     assert result.returncode == 0, result.stderr
     assert "inventory" in result.stdout
     assert server.url.rstrip("/0") in result.stdout or "redis://127.0.0.1" in result.stdout
+
+
+def test_the_documented_read_only_acl_is_enough_for_the_card(
+    server: RedisServer, driver: BullmqDriver, tmp_path: Path
+) -> None:
+    password = "Card-S3cret-Kum9uat"
+    admin = redis.Redis(host="127.0.0.1", port=server.port, decode_responses=True)
+    # The ACL of the README, section Permissions.
+    admin.execute_command(
+        f"ACL SETUSER monitoring on >{password} ~bull:* resetchannels"
+        " -@all +@read +multi +exec +ping +client|list"
+    )
+    admin.execute_command("ACL LOG RESET")
+    driver.open_queue("inventory")
+    driver.add("inventory", "x", {"ms": 1})
+    driver.upsert_scheduler("inventory", "nightly", pattern="0 3 * * *")
+    (tmp_path / "pw").write_text(password)
+    config = redis_target_config(
+        tmp_path, None, server.url, "      username: monitoring\n      password_file: pw\n"
+    )
+    with running_exporter(["--config.file", str(config)], tmp_path) as exporter:
+        wait_until(
+            lambda: queue_counts(metrics(exporter), "inventory").get("delayed") == 1,
+            PATIENCE,
+            "the card read as the read-only user",
+        )
+        samples = metrics(exporter)
+        assert samples[("jobstats_queue_recurring_jobs", (("queue", "inventory"),))] == 1
+        log = exporter.stderr()
+    assert admin.execute_command("ACL LOG") == []
+    admin.close()
+    assert password not in log
