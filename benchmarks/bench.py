@@ -1,7 +1,8 @@
 """Measure what the exporter costs over the stats API call itself; print a Markdown report.
 
 One local upstream (answers of 2 to 10,000 queues) and one exporter process: scrapes
-against direct GETs, concurrent scrapers, CPU per scrape, memory. The figures are
+against direct GETs, concurrent scrapers, CPU per scrape, memory; then a Redis source
+(tailing.py) and a Redis-only target of 1,000 queues (redis_only.py). The figures are
 information: a non-zero exit means something broke, never that a target was missed.
 """
 
@@ -34,6 +35,15 @@ from harness import (
     percentile,
     sample,
 )
+from redis_only import (
+    REDIS_ONLY_FULL,
+    REDIS_ONLY_QUICK,
+    RedisOnlyPlan,
+    RedisOnlyResult,
+    redis_only_section,
+    redis_only_targets,
+    run_redis_only,
+)
 from tailing import (
     TAIL_FULL,
     TAIL_QUICK,
@@ -63,10 +73,11 @@ class Plan:
     concurrent_scrapes: int
     memory_scrapes: int
     tailing: TailPlan
+    redis_only: RedisOnlyPlan
 
 
-FULL = Plan({2: 500, 100: 500, 1_000: 200, 10_000: 20}, 10, 640, 10_000, TAIL_FULL)
-QUICK = Plan({2: 20, 100: 20, 1_000: 5, 10_000: 2}, 2, 64, 200, TAIL_QUICK)
+FULL = Plan({2: 500, 100: 500, 1_000: 200, 10_000: 20}, 10, 640, 10_000, TAIL_FULL, REDIS_ONLY_FULL)
+QUICK = Plan({2: 20, 100: 20, 1_000: 5, 10_000: 2}, 2, 64, 200, TAIL_QUICK, REDIS_ONLY_QUICK)
 
 
 def stats_answer(queues: int) -> bytes:
@@ -321,7 +332,10 @@ def memory_table(memory: MemoryResult) -> list[str]:
 
 
 def targets_table(
-    sizes: Sequence[SizeResult], memory: MemoryResult, tailing: Sequence[TailResult] | str
+    sizes: Sequence[SizeResult],
+    memory: MemoryResult,
+    tailing: Sequence[TailResult] | str,
+    redis_only: RedisOnlyResult | str,
 ) -> list[str]:
     by_size = {result.queues: result for result in sizes}
     rows: list[tuple[str, str, bool]] = []
@@ -355,6 +369,8 @@ def targets_table(
     )
     if not isinstance(tailing, str):
         rows += tailing_targets(tailing)
+    if not isinstance(redis_only, str):
+        rows += redis_only_targets(redis_only)
     lines = ["| target | measured | result |", "| --- | ---: | --- |"]
     lines += [f"| {name} | {value} | {'pass' if ok else 'FAIL'} |" for name, value, ok in rows]
     return lines
@@ -405,6 +421,7 @@ def report(
     concurrency: Sequence[ConcurrencyResult],
     memory: MemoryResult,
     tailing: Sequence[TailResult] | str,
+    redis_only: RedisOnlyResult | str,
 ) -> str:
     lines = [
         "# jobstats-exporter benchmark",
@@ -420,7 +437,7 @@ def report(
         "",
         "## Targets",
         "",
-        *targets_table(sizes, memory, tailing),
+        *targets_table(sizes, memory, tailing, redis_only),
         "",
         "## Scrape latency by answer size",
         "",
@@ -441,13 +458,20 @@ def report(
         *memory_table(memory),
         "",
         *tailing_section(tailing),
+        *redis_only_section(redis_only),
     ]
     return "\n".join(lines)
 
 
 def run(
     plan: Plan, progress: Callable[[str], None]
-) -> tuple[list[SizeResult], list[ConcurrencyResult], MemoryResult, list[TailResult] | str]:
+) -> tuple[
+    list[SizeResult],
+    list[ConcurrencyResult],
+    MemoryResult,
+    list[TailResult] | str,
+    RedisOnlyResult | str,
+]:
     upstream = Upstream(SIZES)
     try:
         exporter = ExporterProcess(exporter_config(upstream, SIZES))
@@ -478,7 +502,8 @@ def run(
     finally:
         upstream.close()
     tailing = run_tailing(plan.tailing, progress)
-    return sizes, concurrency, memory, tailing
+    redis_only = run_redis_only(plan.redis_only, progress)
+    return sizes, concurrency, memory, tailing, redis_only
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -494,11 +519,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench: {message}", file=sys.stderr, flush=True)
 
     try:
-        sizes, concurrency, memory, tailing = run(plan, progress)
+        sizes, concurrency, memory, tailing, redis_only = run(plan, progress)
     except (HarnessError, OSError, http.client.HTTPException) as error:
         print(f"bench: failed: {error}", file=sys.stderr)
         return 1
-    text = report(args.quick, sizes, concurrency, memory, tailing)
+    text = report(args.quick, sizes, concurrency, memory, tailing, redis_only)
     print(text)
     if args.results:
         args.results.write_text(text, encoding="utf-8")

@@ -52,6 +52,10 @@ def test_quick_benchmark_reports_every_size_and_target(tmp_path: Path) -> None:
         if importlib.util.find_spec("hiredis"):
             assert "| hiredis | yes | 2,000 | " in run.stdout
             assert "hiredis: exporter CPU at 2,000 events/s " in run.stdout
+        # A Redis-only target: every one of 20 queues found, scraped 3 times; no timing judged.
+        assert "## Redis only: the whole card from BullMQ's Redis" in run.stdout
+        assert "\n| 20 | 219 | " in run.stdout
+        assert "| Redis only, 20 queues: scrape p50 < 1 s " in run.stdout
     else:
         assert "skipped: no redis-server on PATH" in run.stdout
     assert results.read_text(encoding="utf-8").rstrip() == run.stdout.rstrip()
