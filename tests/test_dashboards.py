@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, suppress
@@ -37,7 +38,16 @@ from bullmq_stack import (
     running_driver,
     running_redis,
 )
-from upstream import HOST, Answer, ExporterProcess, FakeStatsApi, free_port, running_exporter
+from upstream import (
+    HOST,
+    Answer,
+    ExporterProcess,
+    FakeStatsApi,
+    clean_environment,
+    exporter_command,
+    free_port,
+    running_exporter,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 GRAFANA = ROOT / "grafana"
@@ -1174,3 +1184,131 @@ def test_redis_down_shows_down_and_gaps_not_zeros(
         redis_stack.lonely.start()
         with suppress(DriverError, AssertionError):
             driver.close_worker(worker, force=True, timeout=5)
+
+
+# --- A backend without a stats API: the same dashboard and rules, from Redis alone ----------
+#
+# Issue 13's "Done when": an exporter pointed at nothing but a real BullMQ's Redis feeds the
+# dashboard and the alert rules unchanged. One exporter whose one target has no `url`, on a
+# good day: every queue has a worker, a job scheduler, completed and failed jobs.
+
+REDIS_ONLY_QUEUES = ("billing", "mail")
+
+
+def check_says(config: Path) -> str:
+    """The system status `jobstats-exporter check` prints for the target of `config`."""
+    result = subprocess.run(
+        exporter_command("check", "--config.file", str(config)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=clean_environment(),
+        check=False,
+    )
+    match = re.search(r"^System: (healthy|needs attention);", result.stdout, re.MULTILINE)
+    assert match, f"check exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+    return match[1]
+
+
+def alert_names(prometheus_config: Path) -> set[str]:
+    """The alerting rules of every rule file `prometheus_config` loads."""
+    config = yaml.safe_load(prometheus_config.read_text(encoding="utf-8"))
+    names = set()
+    for rule_file in config["rule_files"]:
+        document = yaml.safe_load(Path(rule_file).read_text(encoding="utf-8"))
+        names |= {r["alert"] for g in document["groups"] for r in g["rules"] if "alert" in r}
+    return names
+
+
+def loaded_rules(prometheus_port: int) -> list[dict[str, Any]]:
+    """Every rule Prometheus loaded, with its type, name and health."""
+    with urlopen(f"http://{HOST}:{prometheus_port}/api/v1/rules", timeout=10) as response:
+        groups = json.load(response)["data"]["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+@pytest.mark.integration
+def test_a_redis_only_exporter_feeds_the_same_dashboard_and_rules(
+    dashboard: dict[str, Any], tmp_path: Path
+) -> None:
+    require_tool("prometheus")
+    with ExitStack() as stack:
+        server = stack.enter_context(running_redis(tmp_path / "redis"))
+        driver = stack.enter_context(running_driver(server.url, tmp_path / "driver"))
+        config = redis_target_config(tmp_path / "exporter", None, server.url)
+        exporter = stack.enter_context(
+            running_exporter(["--config.file", str(config)], tmp_path / "exporter")
+        )
+        instance = f"{HOST}:{exporter.port}"
+        prometheus_port = free_port()
+        prometheus_config = write_prometheus_config(
+            tmp_path,
+            exporter_port=exporter.port,
+            alertmanager_port=free_port(),
+            prometheus_port=prometheus_port,
+        )
+        stack.enter_context(
+            running_prometheus(prometheus_config, tmp_path / "prometheus", prometheus_port)
+        )
+        board = Board(dashboard, prometheus_port, [instance])
+        for queue in REDIS_ONLY_QUEUES:
+            driver.open_queue(queue)
+            driver.upsert_scheduler(queue, f"{queue}-recurring", pattern="*/6 * * * *")
+        # Every queue followed before BullMQ runs a job, so the counters see every event.
+        followed = f'count(jobstats_queue_jobs_failed_total{{instance="{instance}"}})'
+        settle(
+            lambda: prometheus_query(prometheus_port, followed),
+            lambda answer: bool(answer) and answer[0]["value"][1] == str(len(REDIS_ONLY_QUEUES)),
+            "the exporter to follow every queue",
+        )
+        for queue in REDIS_ONLY_QUEUES:
+            driver.start_worker(queue, f"{queue}-worker")
+            jobs = [{"name": "ok", "data": {"ms": 20}} for _ in range(3)]
+            jobs += [{"name": "bad", "data": {"ms": 5, "fail": True}} for _ in range(2)]
+            driver.add_bulk(queue, jobs)
+        for queue in REDIS_ONLY_QUEUES:
+            finished = driver.wait_finished(queue, 5)
+            assert finished["failed"] == 2, finished
+
+        settle(
+            lambda: board.variable("queue"),
+            lambda queues: queues == list(REDIS_ONLY_QUEUES),
+            "the queue variable to list the queues found in Redis",
+        )
+        assert board.variable("instance") == [instance]
+        # Every query, the card's, the history's and the Redis source's, answers something.
+        poll_every_query_returns_data(prometheus_port, live_queries(board, REDIS_ONLY_QUEUES))
+        for queue in REDIS_ONLY_QUEUES:
+            assert board.shown("$queue", "STATUS", queue=queue) == "Active", queue
+            assert board.value("$queue", "FAILED", queue=queue) == 2, queue
+        assert board.shown("Redis status", "A") == "Enabled"
+        assert board.shown("Redis status", "B") == "Available"
+        assert board.shown(REDIS_SOURCE, "STATUS") == "Up"
+        assert board.shown("Summary", "API") == "OK"
+        # The System status says what `check` says of the same Redis: healthy.
+        assert check_says(config) == "healthy"
+        settle(lambda: system_status(board), lambda s: s == "healthy", "a healthy system status")
+
+        # The shipped rules load, and count the failures from the event counters.
+        rules = loaded_rules(prometheus_port)
+        assert [r["name"] for r in rules if r["health"] != "ok"] == []
+        expected_alerts = alert_names(prometheus_config)
+        assert expected_alerts
+        assert {r["name"] for r in rules if r["type"] == "alerting"} == expected_alerts
+        new_failed = f'queue:jobstats_failed_jobs:new10m{{instance="{instance}"}}'
+
+        def failures_counted() -> dict[str, tuple[str, float]]:
+            return {
+                s["metric"]["queue"]: (s["metric"]["source"], float(s["value"][1]))
+                for s in prometheus_query(prometheus_port, new_failed)
+            }
+
+        counted = settle(
+            failures_counted,
+            lambda by_queue: (
+                set(by_queue) == set(REDIS_ONLY_QUEUES)
+                and all(value >= 2 for _, value in by_queue.values())
+            ),
+            "new10m to count each queue's two failures",
+        )
+        assert {source for source, _ in counted.values()} == {"events"}
