@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
@@ -25,8 +24,6 @@ from bullmq_stack import (
     BullmqDriver,
     QueueView,
     RedisServer,
-    running_driver,
-    running_redis,
 )
 from upstream import HOST, wait_until
 
@@ -34,18 +31,6 @@ pytestmark = pytest.mark.integration
 
 #: Long enough that a job stays active for the whole test; the worker is closed by force.
 SLOW_JOB_MS = 60_000
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path / "redis") as server:
-        yield server
-
-
-@pytest.fixture
-def driver(redis_server: RedisServer, tmp_path: Path) -> Iterator[BullmqDriver]:
-    with running_driver(redis_server.url, tmp_path / "driver") as started:
-        yield started
 
 
 @pytest.fixture

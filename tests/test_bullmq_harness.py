@@ -20,26 +20,12 @@ from bullmq_stack import (
     BullmqDriver,
     DriverError,
     RedisServer,
-    running_driver,
-    running_redis,
 )
 from upstream import wait_until
 
 pytestmark = pytest.mark.integration
 
 CAPTURE = Path(__file__).resolve().parents[2] / "shared" / "samples" / "bullmq-redis-capture.json"
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path / "redis") as server:
-        yield server
-
-
-@pytest.fixture
-def driver(redis_server: RedisServer, tmp_path: Path) -> Iterator[BullmqDriver]:
-    with running_driver(redis_server.url, tmp_path / "driver") as started:
-        yield started
 
 
 @pytest.fixture

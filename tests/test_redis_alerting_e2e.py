@@ -37,8 +37,6 @@ from bullmq_stack import (
     BullmqDriver,
     RedisServer,
     redis_target_config,
-    running_driver,
-    running_redis,
 )
 from upstream import HOST, Answer, ExporterProcess, FakeStatsApi, free_port, running_exporter
 
@@ -76,8 +74,8 @@ def answer_from(counts: dict[str, int]) -> Answer:
     return Answer(body=json.dumps(document).encode("utf-8"))
 
 
-def write_exporter_config(directory: Path, api: FakeStatsApi, server: RedisServer) -> Path:
-    return redis_target_config(directory, api.url, server.url, timeout="1s")
+def write_exporter_config(directory: Path, api: FakeStatsApi, redis_server: RedisServer) -> Path:
+    return redis_target_config(directory, api.url, redis_server.url, timeout="1s")
 
 
 def scrape_every(config: Path, exporters: Sequence[ExporterProcess]) -> None:
@@ -156,18 +154,6 @@ def alerting(directory: Path, exporters: Sequence[ExporterProcess]) -> Iterator[
     assert sink.errors == []
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path / "redis") as started:
-        yield started
-
-
-@pytest.fixture
-def driver(server: RedisServer, tmp_path: Path) -> Iterator[BullmqDriver]:
-    with running_driver(server.url, tmp_path / "driver") as started:
-        yield started
-
-
 def fail_jobs(driver: BullmqDriver, count: int, finished_before: int) -> dict[str, int]:
     """`count` jobs of QUEUE fail for good under RETENTION; BullMQ's counts afterwards."""
     failing = {"name": "bad", "data": {"ms": 1, "fail": True}, "opts": RETENTION}
@@ -213,13 +199,13 @@ def notifications_since(stack: Stack, mark: int) -> list[dict[str, Any]]:
 
 
 def test_failures_at_the_retention_limit_fire_the_failed_jobs_alert_from_the_events(
-    server: RedisServer, driver: BullmqDriver, tmp_path: Path
+    redis_server: RedisServer, driver: BullmqDriver, tmp_path: Path
 ) -> None:
     driver.open_queue(QUEUE)
     driver.add(QUEUE, "warm-up", {"ms": 1})  # the queue exists before the exporter starts
     with ExitStack() as stack_:
         api = stack_.enter_context(FakeStatsApi(answer_from(driver.state(QUEUE).counts)))
-        config = write_exporter_config(tmp_path, api, server)
+        config = write_exporter_config(tmp_path, api, redis_server)
         exporter = stack_.enter_context(running_exporter(["--config.file", str(config)], tmp_path))
         stack = stack_.enter_context(alerting(tmp_path, [exporter]))
         instance = f"{HOST}:{exporter.port}"
@@ -313,13 +299,13 @@ def test_failures_at_the_retention_limit_fire_the_failed_jobs_alert_from_the_eve
 
 
 def test_an_ha_pair_on_one_redis_is_counted_once_and_pages_once_per_queue(
-    server: RedisServer, driver: BullmqDriver, tmp_path: Path
+    redis_server: RedisServer, driver: BullmqDriver, tmp_path: Path
 ) -> None:
     driver.open_queue(QUEUE)
     driver.add(QUEUE, "warm-up", {"ms": 1})
     with ExitStack() as stack_:
         api = stack_.enter_context(FakeStatsApi(answer_from(driver.state(QUEUE).counts)))
-        config = write_exporter_config(tmp_path, api, server)
+        config = write_exporter_config(tmp_path, api, redis_server)
         # Started one after the other: the first has counted longest, the rules read it.
         first, second = (
             stack_.enter_context(running_exporter(["--config.file", str(config)], tmp_path))
@@ -380,12 +366,12 @@ def test_an_ha_pair_on_one_redis_is_counted_once_and_pages_once_per_queue(
 
 
 def test_redis_source_down_fires_while_redis_is_stopped_and_resolves_after_it_starts(
-    server: RedisServer, tmp_path: Path
+    redis_server: RedisServer, tmp_path: Path
 ) -> None:
     with ExitStack() as stack_:
         counts = {"waiting": 0, "active": 0, "completed": 0, "failed": 0, "delayed": 0}
         api = stack_.enter_context(FakeStatsApi(answer_from(counts)))
-        config = write_exporter_config(tmp_path, api, server)
+        config = write_exporter_config(tmp_path, api, redis_server)
         exporter = stack_.enter_context(running_exporter(["--config.file", str(config)], tmp_path))
         stack = stack_.enter_context(alerting(tmp_path, [exporter]))
         instance = f"{HOST}:{exporter.port}"
@@ -398,7 +384,7 @@ def test_redis_source_down_fires_while_redis_is_stopped_and_resolves_after_it_st
         )
         assert stack.alerts("JobStatsRedisSourceDown") == []
 
-        server.stop()
+        redis_server.stop()
         [alert] = poll(
             lambda: stack.alerts("JobStatsRedisSourceDown"),
             lambda found: [a["state"] for a in found] == ["firing"],
@@ -411,7 +397,7 @@ def test_redis_source_down_fires_while_redis_is_stopped_and_resolves_after_it_st
         # The API is another path: it still answers, and nothing says it does not.
         assert stack.query("jobstats_up") == {(("instance", instance), ("job", "jobstats")): 1.0}
 
-        server.start()
+        redis_server.start()
         poll(
             lambda: (stack.query("jobstats_redis_up"), stack.alerts("JobStatsRedisSourceDown")),
             lambda found: found == (redis_up, []),

@@ -7,7 +7,6 @@ real BullMQ 6.7 queues. What /metrics shows equals what BullMQ's own calls repor
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,6 @@ from bullmq_stack import (
     BullmqDriver,
     RedisServer,
     redis_target_config,
-    running_driver,
-    running_redis,
 )
 from upstream import (
     ExporterProcess,
@@ -62,21 +59,9 @@ def status_of(samples: Samples, queue: str) -> str | None:
     return None
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path / "redis") as started:
-        yield started
-
-
-@pytest.fixture
-def driver(server: RedisServer, tmp_path: Path) -> Iterator[BullmqDriver]:
-    with running_driver(server.url, tmp_path / "driver") as started:
-        yield started
-
-
-def redis_only(server: RedisServer, tmp_path: Path) -> list[str]:
-    """The flags of an exporter whose one target has no stats API, only `server`."""
-    return ["--config.file", str(redis_target_config(tmp_path, None, server.url))]
+def redis_only(redis_server: RedisServer, tmp_path: Path) -> list[str]:
+    """The flags of an exporter whose one target has no stats API, only `redis_server`."""
+    return ["--config.file", str(redis_target_config(tmp_path, None, redis_server.url))]
 
 
 def bullmq_counts(driver: BullmqDriver, queue: str) -> dict[str, float]:
@@ -85,7 +70,7 @@ def bullmq_counts(driver: BullmqDriver, queue: str) -> dict[str, float]:
 
 
 def test_the_card_equals_what_bullmq_reports(
-    server: RedisServer, driver: BullmqDriver, tmp_path: Path
+    redis_server: RedisServer, driver: BullmqDriver, tmp_path: Path
 ) -> None:
     driver.open_queue("inventory")
     retention = {"removeOnComplete": 50, "removeOnFail": 50}
@@ -101,7 +86,7 @@ def test_the_card_equals_what_bullmq_reports(
     driver.add("inventory", "waits", {"ms": 1})
     driver.add("inventory", "urgent", {"ms": 1}, {"priority": 5})
     driver.upsert_scheduler("inventory", "inventory-recurring", pattern="*/6 * * * *")
-    with running_exporter(redis_only(server, tmp_path), tmp_path) as exporter:
+    with running_exporter(redis_only(redis_server, tmp_path), tmp_path) as exporter:
         wait_until(
             lambda: metrics(exporter).get(("jobstats_up", ())) == 1,
             PATIENCE,
@@ -139,7 +124,7 @@ def test_the_card_equals_what_bullmq_reports(
 
 
 def test_a_paused_queue_and_an_active_one(
-    server: RedisServer, driver: BullmqDriver, tmp_path: Path
+    redis_server: RedisServer, driver: BullmqDriver, tmp_path: Path
 ) -> None:
     for queue in ("mail", "reports"):
         driver.open_queue(queue)
@@ -147,7 +132,7 @@ def test_a_paused_queue_and_an_active_one(
     driver.start_worker("mail", "postman")
     driver.start_worker("reports", "clerk")
     driver.pause("reports")
-    with running_exporter(redis_only(server, tmp_path), tmp_path) as exporter:
+    with running_exporter(redis_only(redis_server, tmp_path), tmp_path) as exporter:
         wait_until(
             lambda: status_of(metrics(exporter), "reports") is not None,
             PATIENCE,
@@ -160,9 +145,9 @@ def test_a_paused_queue_and_an_active_one(
 
 
 def test_a_queue_created_while_the_exporter_runs_appears(
-    server: RedisServer, driver: BullmqDriver, tmp_path: Path
+    redis_server: RedisServer, driver: BullmqDriver, tmp_path: Path
 ) -> None:
-    with running_exporter(redis_only(server, tmp_path), tmp_path) as exporter:
+    with running_exporter(redis_only(redis_server, tmp_path), tmp_path) as exporter:
         wait_until(lambda: metrics(exporter).get(("jobstats_up", ())) == 1, PATIENCE, "up")
         assert metrics(exporter)[("jobstats_queues", ())] == 0
         driver.open_queue("fresh")
@@ -175,11 +160,11 @@ def test_a_queue_created_while_the_exporter_runs_appears(
 
 
 def test_redis_down_is_jobstats_up_0_for_connect_and_metrics_still_answer(
-    server: RedisServer, tmp_path: Path
+    redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    with running_exporter(redis_only(server, tmp_path), tmp_path) as exporter:
+    with running_exporter(redis_only(redis_server, tmp_path), tmp_path) as exporter:
         wait_until(lambda: metrics(exporter).get(("jobstats_up", ())) == 1, PATIENCE, "up")
-        server.stop()
+        redis_server.stop()
         wait_until(
             lambda: metrics(exporter).get(("jobstats_up", ())) == 0,
             PATIENCE,
@@ -192,18 +177,18 @@ def test_redis_down_is_jobstats_up_0_for_connect_and_metrics_still_answer(
 
 
 def test_the_command_line_s_redis_url_alone_is_a_redis_only_target(
-    server: RedisServer, driver: BullmqDriver, tmp_path: Path
+    redis_server: RedisServer, driver: BullmqDriver, tmp_path: Path
 ) -> None:
     driver.open_queue("inventory")
     driver.add("inventory", "x", {"ms": 1})
-    with running_exporter(["--redis.url", server.url], tmp_path) as exporter:
+    with running_exporter(["--redis.url", redis_server.url], tmp_path) as exporter:
         wait_until(
             lambda: queue_counts(metrics(exporter), "inventory").get("waiting") == 1,
             PATIENCE,
             "the card from Redis",
         )
     result = subprocess.run(
-        exporter_command("check", "--redis.url", server.url),
+        exporter_command("check", "--redis.url", redis_server.url),
         capture_output=True,
         text=True,
         timeout=60,
@@ -212,14 +197,14 @@ def test_the_command_line_s_redis_url_alone_is_a_redis_only_target(
     )
     assert result.returncode == 0, result.stderr
     assert "inventory" in result.stdout
-    assert server.url.rstrip("/0") in result.stdout or "redis://127.0.0.1" in result.stdout
+    assert redis_server.url.rstrip("/0") in result.stdout or "redis://127.0.0.1" in result.stdout
 
 
 def test_the_documented_read_only_acl_is_enough_for_the_card(
-    server: RedisServer, driver: BullmqDriver, tmp_path: Path
+    redis_server: RedisServer, driver: BullmqDriver, tmp_path: Path
 ) -> None:
     password = "Card-S3cret-Kum9uat"
-    admin = redis.Redis(host="127.0.0.1", port=server.port, decode_responses=True)
+    admin = redis.Redis(host="127.0.0.1", port=redis_server.port, decode_responses=True)
     # The ACL of the README, section Permissions.
     admin.execute_command(
         f"ACL SETUSER monitoring on >{password} ~bull:* resetchannels"
@@ -231,7 +216,7 @@ def test_the_documented_read_only_acl_is_enough_for_the_card(
     driver.upsert_scheduler("inventory", "nightly", pattern="0 3 * * *")
     (tmp_path / "pw").write_text(password)
     config = redis_target_config(
-        tmp_path, None, server.url, "      username: monitoring\n      password_file: pw\n"
+        tmp_path, None, redis_server.url, "      username: monitoring\n      password_file: pw\n"
     )
     with running_exporter(["--config.file", str(config)], tmp_path) as exporter:
         wait_until(

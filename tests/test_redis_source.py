@@ -23,8 +23,6 @@ from bullmq_stack import (
     BullmqDriver,
     RedisServer,
     redis_target_config,
-    running_driver,
-    running_redis,
 )
 from samples import sample
 from upstream import (
@@ -42,6 +40,8 @@ pytestmark = pytest.mark.integration
 PATIENCE = 30.0
 #: Distinctive enough that finding it anywhere means it leaked.
 PASSWORD = "Redis-S3cret-Kum9uat"
+#: The redis: lines of a target that connects as the ACL user `monitoring`.
+AS_MONITORING = "      username: monitoring\n      password_file: redis_password\n"
 
 
 def metrics(exporter: ExporterProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -58,8 +58,10 @@ def value(exporter: ExporterProcess, name: str, **labels: str) -> float | None:
     return metrics(exporter).get((name, tuple(sorted(labels.items()))))
 
 
-def write_config(directory: Path, api: FakeStatsApi, server: RedisServer, extra: str = "") -> Path:
-    return redis_target_config(directory, api.url, server.url, extra)
+def write_config(
+    directory: Path, api: FakeStatsApi, redis_server: RedisServer, extra: str = ""
+) -> Path:
+    return redis_target_config(directory, api.url, redis_server.url, extra)
 
 
 @pytest.fixture
@@ -67,18 +69,6 @@ def api() -> Iterator[FakeStatsApi]:
     with FakeStatsApi() as fake:
         fake.answer(Answer(body=json.dumps(sample("enabled")).encode()))
         yield fake
-
-
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[RedisServer]:
-    with running_redis(tmp_path / "redis") as started:
-        yield started
-
-
-@pytest.fixture
-def driver(server: RedisServer, tmp_path: Path) -> Iterator[BullmqDriver]:
-    with running_driver(server.url, tmp_path / "driver") as started:
-        yield started
 
 
 def following(exporter: ExporterProcess, queue: str) -> None:
@@ -124,11 +114,11 @@ def run_jobs(driver: BullmqDriver, queue: str) -> None:
 
 
 def test_every_job_is_counted_where_retention_keeps_two(
-    api: FakeStatsApi, server: RedisServer, driver: BullmqDriver, tmp_path: Path
+    api: FakeStatsApi, redis_server: RedisServer, driver: BullmqDriver, tmp_path: Path
 ) -> None:
     driver.open_queue("inventory")
     driver.add("inventory", "warm-up", {"ms": 1})  # the queue exists before the exporter
-    config = write_config(tmp_path, api, server)
+    config = write_config(tmp_path, api, redis_server)
     with running_exporter(["--config.file", str(config)], tmp_path) as exporter:
         following(exporter, "inventory")
         run_jobs(driver, "inventory")
@@ -148,11 +138,11 @@ def test_every_job_is_counted_where_retention_keeps_two(
 
 
 def test_job_timings_match_the_durations_the_jobs_took(
-    api: FakeStatsApi, server: RedisServer, driver: BullmqDriver, tmp_path: Path
+    api: FakeStatsApi, redis_server: RedisServer, driver: BullmqDriver, tmp_path: Path
 ) -> None:
     driver.open_queue("reports")
     driver.add("reports", "first", {"ms": 1})
-    config = write_config(tmp_path, api, server)
+    config = write_config(tmp_path, api, redis_server)
     with running_exporter(["--config.file", str(config)], tmp_path) as exporter:
         following(exporter, "reports")
         driver.add_bulk("reports", [{"name": "slow", "data": {"ms": 300}} for _ in range(4)])
@@ -177,11 +167,11 @@ def test_job_timings_match_the_durations_the_jobs_took(
 
 
 def test_oldest_waiting_age_rises_while_no_worker_runs_and_workers_are_counted(
-    api: FakeStatsApi, server: RedisServer, driver: BullmqDriver, tmp_path: Path
+    api: FakeStatsApi, redis_server: RedisServer, driver: BullmqDriver, tmp_path: Path
 ) -> None:
     driver.open_queue("mail")
     driver.add("mail", "first", {"ms": 1})
-    config = write_config(tmp_path, api, server)
+    config = write_config(tmp_path, api, redis_server)
     with running_exporter(["--config.file", str(config)], tmp_path) as exporter:
         following(exporter, "mail")
         oldest = "jobstats_queue_oldest_waiting_job_age_seconds"
@@ -206,11 +196,11 @@ def test_oldest_waiting_age_rises_while_no_worker_runs_and_workers_are_counted(
 
 
 def test_two_exporters_give_the_same_numbers_as_one(
-    api: FakeStatsApi, server: RedisServer, driver: BullmqDriver, tmp_path: Path
+    api: FakeStatsApi, redis_server: RedisServer, driver: BullmqDriver, tmp_path: Path
 ) -> None:
     driver.open_queue("inventory")
     driver.add("inventory", "warm-up", {"ms": 1})
-    config = write_config(tmp_path, api, server)
+    config = write_config(tmp_path, api, redis_server)
     with ExitStack() as stack:
         pair = [
             stack.enter_context(running_exporter(["--config.file", str(config)], tmp_path))
@@ -228,11 +218,11 @@ def test_two_exporters_give_the_same_numbers_as_one(
 
 
 def test_redis_killed_and_restarted_metrics_answer_throughout_and_counting_resumes(
-    api: FakeStatsApi, server: RedisServer, driver: BullmqDriver, tmp_path: Path
+    api: FakeStatsApi, redis_server: RedisServer, driver: BullmqDriver, tmp_path: Path
 ) -> None:
     driver.open_queue("inventory")
     driver.add("inventory", "warm-up", {"ms": 1})
-    config = write_config(tmp_path, api, server)
+    config = write_config(tmp_path, api, redis_server)
     with running_exporter(["--config.file", str(config)], tmp_path) as exporter:
         following(exporter, "inventory")
         worker = driver.start_worker("inventory", "survivor")
@@ -240,7 +230,7 @@ def test_redis_killed_and_restarted_metrics_answer_throughout_and_counting_resum
         wait_until(lambda: counted(exporter, "inventory")[0] == 1, PATIENCE, "the warm-up job")
         driver.close_worker(worker, force=True)
         mark = exporter.stderr_mark()
-        server.kill()
+        redis_server.kill()
         wait_until(
             lambda: value(exporter, "jobstats_redis_up") == 0, PATIENCE, "jobstats_redis_up 0"
         )
@@ -248,7 +238,7 @@ def test_redis_killed_and_restarted_metrics_answer_throughout_and_counting_resum
         assert samples[("jobstats_up", ())] == 1.0  # the API is unaffected
         # The counters are the exporter's own: they stay while Redis is away.
         assert samples[("jobstats_queue_jobs_completed_total", (("queue", "inventory"),))] == 1
-        server.start()
+        redis_server.start()
         wait_until(
             lambda: value(exporter, "jobstats_redis_up") == 1, PATIENCE, "jobstats_redis_up 1"
         )
@@ -268,12 +258,12 @@ def test_redis_killed_and_restarted_metrics_answer_throughout_and_counting_resum
 
 
 def test_a_stream_trimmed_behind_the_exporter_s_back_is_counted_as_missed(
-    api: FakeStatsApi, server: RedisServer, driver: BullmqDriver, tmp_path: Path
+    api: FakeStatsApi, redis_server: RedisServer, driver: BullmqDriver, tmp_path: Path
 ) -> None:
     driver.open_queue("bulk", events_max_len=20)
     driver.add("bulk", "first", {"ms": 1})
-    config = write_config(tmp_path, api, server)
-    client = redis.Redis(host="127.0.0.1", port=server.port, decode_responses=True)
+    config = write_config(tmp_path, api, redis_server)
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port, decode_responses=True)
     with running_exporter(["--config.file", str(config)], tmp_path) as exporter:
         following(exporter, "bulk")
         before = client.xinfo_stream("bull:bulk:events")["entries-added"]
@@ -303,9 +293,9 @@ def test_a_stream_trimmed_behind_the_exporter_s_back_is_counted_as_missed(
 
 
 def test_a_queue_created_while_the_exporter_runs_is_counted_from_its_first_event(
-    api: FakeStatsApi, server: RedisServer, driver: BullmqDriver, tmp_path: Path
+    api: FakeStatsApi, redis_server: RedisServer, driver: BullmqDriver, tmp_path: Path
 ) -> None:
-    config = write_config(tmp_path, api, server)
+    config = write_config(tmp_path, api, redis_server)
     with running_exporter(["--config.file", str(config)], tmp_path) as exporter:
         # Up once the tailer has looked for queues: what it finds later is new.
         wait_until(lambda: value(exporter, "jobstats_redis_up") == 1, PATIENCE, "redis up")
@@ -328,12 +318,12 @@ def test_a_queue_created_while_the_exporter_runs_is_counted_from_its_first_event
 
 
 def test_queue_names_map_renames_the_label(
-    api: FakeStatsApi, server: RedisServer, driver: BullmqDriver, tmp_path: Path
+    api: FakeStatsApi, redis_server: RedisServer, driver: BullmqDriver, tmp_path: Path
 ) -> None:
     driver.open_queue("inventory-sync")
     driver.add("inventory-sync", "x", {"ms": 1})
     config = write_config(
-        tmp_path, api, server, "      queue_names:\n        inventory-sync: inventory\n"
+        tmp_path, api, redis_server, "      queue_names:\n        inventory-sync: inventory\n"
     )
     with running_exporter(["--config.file", str(config)], tmp_path) as exporter:
         following(exporter, "inventory")
@@ -342,14 +332,14 @@ def test_queue_names_map_renames_the_label(
 
 
 def test_two_queues_never_share_a_label(
-    api: FakeStatsApi, server: RedisServer, driver: BullmqDriver, tmp_path: Path
+    api: FakeStatsApi, redis_server: RedisServer, driver: BullmqDriver, tmp_path: Path
 ) -> None:
     for queue in ("inventory", "inventory-sync"):
         driver.open_queue(queue)
         driver.add(queue, "x", {"ms": 1})
     # inventory-sync is renamed to a name another queue already has.
     config = write_config(
-        tmp_path, api, server, "      queue_names:\n        inventory-sync: inventory\n"
+        tmp_path, api, redis_server, "      queue_names:\n        inventory-sync: inventory\n"
     )
     with running_exporter(["--config.file", str(config)], tmp_path) as exporter:
         following(exporter, "inventory")
@@ -360,8 +350,8 @@ def test_two_queues_never_share_a_label(
         wait_until(lambda: "redis queues left out" in exporter.stderr(), PATIENCE, "the log line")
 
 
-def acl_user(server: RedisServer, rules: str) -> None:
-    client = redis.Redis(host="127.0.0.1", port=server.port)
+def acl_user(redis_server: RedisServer, rules: str) -> None:
+    client = redis.Redis(host="127.0.0.1", port=redis_server.port)
     client.execute_command(f"ACL SETUSER monitoring on >{PASSWORD} ~bull:* resetchannels {rules}")
     client.close()
 
@@ -371,19 +361,19 @@ README_ACL = "-@all +@read +multi +exec +ping +client|list"
 
 
 def test_the_documented_read_only_acl_is_enough_and_nothing_is_written(
-    api: FakeStatsApi, server: RedisServer, driver: BullmqDriver, tmp_path: Path
+    api: FakeStatsApi, redis_server: RedisServer, driver: BullmqDriver, tmp_path: Path
 ) -> None:
-    acl_user(server, README_ACL)
+    acl_user(redis_server, README_ACL)
     (tmp_path / "redis_password").write_text(PASSWORD + "\n")
     driver.open_queue("inventory")
     driver.add("inventory", "warm-up", {"ms": 1})
     config = write_config(
         tmp_path,
         api,
-        server,
-        "      username: monitoring\n      password_file: redis_password\n",
+        redis_server,
+        AS_MONITORING,
     )
-    admin = redis.Redis(host="127.0.0.1", port=server.port, decode_responses=True)
+    admin = redis.Redis(host="127.0.0.1", port=redis_server.port, decode_responses=True)
     admin.execute_command("ACL LOG RESET")
     with running_exporter(["--config.file", str(config)], tmp_path) as exporter:
         following(exporter, "inventory")
@@ -406,15 +396,15 @@ def test_the_documented_read_only_acl_is_enough_and_nothing_is_written(
 
 
 def test_a_wrong_password_is_redis_up_0_with_one_log_line_and_no_password(
-    api: FakeStatsApi, server: RedisServer, tmp_path: Path
+    api: FakeStatsApi, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    acl_user(server, README_ACL)
+    acl_user(redis_server, README_ACL)
     (tmp_path / "redis_password").write_text("not-" + PASSWORD)
     config = write_config(
         tmp_path,
         api,
-        server,
-        "      username: monitoring\n      password_file: redis_password\n",
+        redis_server,
+        AS_MONITORING,
     )
     with running_exporter(["--config.file", str(config)], tmp_path) as exporter:
         wait_until(
@@ -431,14 +421,17 @@ def test_a_wrong_password_is_redis_up_0_with_one_log_line_and_no_password(
 
 
 def test_without_client_list_the_workers_are_left_out_with_one_log_line(
-    api: FakeStatsApi, server: RedisServer, driver: BullmqDriver, tmp_path: Path
+    api: FakeStatsApi, redis_server: RedisServer, driver: BullmqDriver, tmp_path: Path
 ) -> None:
-    acl_user(server, "-@all +@read +multi +exec +ping")
+    acl_user(redis_server, "-@all +@read +multi +exec +ping")
     (tmp_path / "redis_password").write_text(PASSWORD)
     driver.open_queue("inventory")
     driver.add("inventory", "warm-up", {"ms": 1})
     config = write_config(
-        tmp_path, api, server, "      username: monitoring\n      password_file: redis_password\n"
+        tmp_path,
+        api,
+        redis_server,
+        AS_MONITORING,
     )
     with running_exporter(["--config.file", str(config)], tmp_path) as exporter:
         following(exporter, "inventory")
@@ -453,22 +446,22 @@ def test_without_client_list_the_workers_are_left_out_with_one_log_line(
 
 
 def test_metrics_answer_within_the_deadline_when_redis_hangs(
-    api: FakeStatsApi, server: RedisServer, driver: BullmqDriver, tmp_path: Path
+    api: FakeStatsApi, redis_server: RedisServer, driver: BullmqDriver, tmp_path: Path
 ) -> None:
     driver.open_queue("inventory")
     driver.add("inventory", "warm-up", {"ms": 1})
-    config = write_config(tmp_path, api, server)
+    config = write_config(tmp_path, api, redis_server)
     with running_exporter(["--config.file", str(config)], tmp_path) as exporter:
         following(exporter, "inventory")
-        assert server.pid is not None
-        os.kill(server.pid, signal.SIGSTOP)  # accepts nothing, answers nothing
+        assert redis_server.pid is not None
+        os.kill(redis_server.pid, signal.SIGSTOP)  # accepts nothing, answers nothing
         try:
             # The client gives up where Prometheus would: the answer must come before.
             status, body = exporter.get(
                 "/metrics", {"X-Prometheus-Scrape-Timeout-Seconds": "3"}, timeout=3
             )
         finally:
-            os.kill(server.pid, signal.SIGCONT)
+            os.kill(redis_server.pid, signal.SIGCONT)
         assert status == 200
         text = body.decode()
         assert "jobstats_redis_up 0.0" in text
@@ -487,29 +480,34 @@ def check(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_check_says_what_it_finds_in_the_redis_source(
-    api: FakeStatsApi, server: RedisServer, driver: BullmqDriver, tmp_path: Path
+    api: FakeStatsApi, redis_server: RedisServer, driver: BullmqDriver, tmp_path: Path
 ) -> None:
     driver.open_queue("inventory")
     driver.add("inventory", "x", {"ms": 1})
-    result = check("--api.url", api.url, "--redis.url", server.url)
+    result = check("--api.url", api.url, "--redis.url", redis_server.url)
     assert result.returncode == 0, result.stderr
     assert (
-        f"Redis source {server.url}: reachable; 1 BullMQ queues under prefix 'bull': inventory"
-        in result.stdout
+        f"Redis source {redis_server.url}: reachable;"
+        " 1 BullMQ queues under prefix 'bull': inventory" in result.stdout
     )
 
 
 def test_check_fails_in_one_line_when_the_redis_source_cannot_be_read(
-    api: FakeStatsApi, server: RedisServer, tmp_path: Path
+    api: FakeStatsApi, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    acl_user(server, README_ACL)
+    acl_user(redis_server, README_ACL)
     (tmp_path / "redis_password").write_text("not-" + PASSWORD)
     config = write_config(
-        tmp_path, api, server, "      username: monitoring\n      password_file: redis_password\n"
+        tmp_path,
+        api,
+        redis_server,
+        AS_MONITORING,
     )
     result = check("--config.file", str(config))
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"jobstats-exporter check: Redis source {server.url}: unavailable:")
+    assert lines[0].startswith(
+        f"jobstats-exporter check: Redis source {redis_server.url}: unavailable:"
+    )
     assert PASSWORD not in result.stderr + result.stdout
