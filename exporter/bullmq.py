@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+from .client import redact_url
 from .errors import ParseError
 from .model import MAX_COUNT, MAX_TIMESTAMP_MS, Limits, QueueStats, RecurringJobs, Stats
 from .targets import RedisSource, Secret
@@ -47,13 +48,7 @@ SCAN_COUNT = 1000
 
 def where(source: RedisSource) -> str:
     """The Redis address without credentials, for logs and errors."""
-    from urllib.parse import urlsplit
-
-    parts = urlsplit(source.url)
-    host = parts.hostname or ""
-    shown = f"[{host}]" if ":" in host else host
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{shown}{port}{parts.path}"
+    return redact_url(source.url)
 
 
 def stream_key(prefix: str, queue: str) -> str:

@@ -16,9 +16,9 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from . import __version__
 from .card import render_card
@@ -35,6 +35,7 @@ from .webconfig import WebConfig, load_web_config
 __all__ = ["main"]
 
 PROG = "jobstats-exporter"
+_T = TypeVar("_T")
 #: Seconds the simulation has run before its first answer, so the first scrape is not all zeros.
 SIMULATION_WARM_UP = 600
 
@@ -218,24 +219,31 @@ def _check(config: Config, name: str | None) -> int:
     return 1 if stats.invalid or not redis_usable else 0
 
 
-def _check_redis_only(config: Config, target: Target) -> int:
-    """The card of a target without a stats API, read once from its Redis source."""
+def _read_redis(read: Coroutine[Any, Any, _T], failed: str) -> _T | None:
+    """What `read` returns from a Redis source; None, with one line on stderr (`failed`,
+    then why), when the source cannot be read."""
     import asyncio
 
     from redis.exceptions import RedisError
 
+    try:
+        return asyncio.run(read)
+    except (RedisError, OSError) as error:
+        text = str(error).strip() or "no answer in time"
+        print(f"{PROG} check: {failed}: {type(error).__name__}: {text}", file=sys.stderr)
+        return None
+
+
+def _check_redis_only(config: Config, target: Target) -> int:
+    """The card of a target without a stats API, read once from its Redis source."""
     from .bullmq import read_card, where
 
     assert target.redis is not None
     source = target.redis
-    try:
-        stats = asyncio.run(read_card(source, target.timeout, config.limits))
-    except (RedisError, OSError) as error:
-        text = str(error).strip() or "no answer in time"
-        print(
-            f"{PROG} check: connect: {where(source)}: {type(error).__name__}: {text}",
-            file=sys.stderr,
-        )
+    stats = _read_redis(
+        read_card(source, target.timeout, config.limits), f"connect: {where(source)}"
+    )
+    if stats is None:
         return 1
     color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     schedules = CronSchedules(config.cron_timezone)
@@ -245,23 +253,14 @@ def _check_redis_only(config: Config, target: Target) -> int:
 
 def _check_redis(target: Target) -> bool:
     """One line on the target's Redis source: its queues, or why it cannot be read."""
-    import asyncio
-
-    from redis.exceptions import RedisError
-
     from .bullmq import check_source, where
 
     assert target.redis is not None
     source = target.redis
-    try:
-        queues = asyncio.run(check_source(source, target.timeout))
-    except (RedisError, OSError) as error:
-        text = str(error).strip() or "no answer in time"
-        print(
-            f"{PROG} check: Redis source {where(source)}: unavailable:"
-            f" {type(error).__name__}: {text}",
-            file=sys.stderr,
-        )
+    queues = _read_redis(
+        check_source(source, target.timeout), f"Redis source {where(source)}: unavailable"
+    )
+    if queues is None:
         return False
     shown = ", ".join(source.label(name) for name in queues) or "none"
     print(
