@@ -29,10 +29,12 @@ from upstream import HOST, free_port, stop_process, wait_until
 
 __all__ = [
     "BULLMQ_DIR",
+    "README_ACL",
     "BullmqDriver",
     "DriverError",
     "QueueView",
     "RedisServer",
+    "acl_user",
     "ensure_node_modules",
     "redis_target_config",
     "running_driver",
@@ -504,3 +506,20 @@ def redis_target_config(
         encoding="utf-8",
     )
     return config
+
+
+#: What the README (section Permissions) tells a user to grant the exporter.
+README_ACL = "-@all +@read +multi +exec +ping +client|list"
+
+
+def acl_user(server: RedisServer, password: str, rules: str = README_ACL) -> None:
+    """Make the Redis ACL user `monitoring`, with `password`, on the keys `bull:*`."""
+    import redis
+
+    client = redis.Redis(host=HOST, port=server.port)
+    try:
+        client.execute_command(
+            f"ACL SETUSER monitoring on >{password} ~bull:* resetchannels {rules}"
+        )
+    finally:
+        client.close()

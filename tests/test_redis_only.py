@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bullmq_stack import (
     BullmqDriver,
     RedisServer,
+    acl_user,
     redis_target_config,
 )
 from upstream import (
@@ -204,12 +205,8 @@ def test_the_documented_read_only_acl_is_enough_for_the_card(
     redis_server: RedisServer, driver: BullmqDriver, tmp_path: Path
 ) -> None:
     password = "Card-S3cret-Kum9uat"
+    acl_user(redis_server, password)  # the ACL of the README, section Permissions
     admin = redis.Redis(host="127.0.0.1", port=redis_server.port, decode_responses=True)
-    # The ACL of the README, section Permissions.
-    admin.execute_command(
-        f"ACL SETUSER monitoring on >{password} ~bull:* resetchannels"
-        " -@all +@read +multi +exec +ping +client|list"
-    )
     admin.execute_command("ACL LOG RESET")
     driver.open_queue("inventory")
     driver.add("inventory", "x", {"ms": 1})

@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bullmq_stack import (
     BullmqDriver,
     RedisServer,
+    acl_user,
     redis_target_config,
 )
 from samples import sample
@@ -350,20 +351,17 @@ def test_two_queues_never_share_a_label(
         wait_until(lambda: "redis queues left out" in exporter.stderr(), PATIENCE, "the log line")
 
 
-def acl_user(redis_server: RedisServer, rules: str) -> None:
-    client = redis.Redis(host="127.0.0.1", port=redis_server.port)
-    client.execute_command(f"ACL SETUSER monitoring on >{PASSWORD} ~bull:* resetchannels {rules}")
-    client.close()
-
-
-#: What the README tells a user to grant the exporter.
-README_ACL = "-@all +@read +multi +exec +ping +client|list"
+def wrong_password_config(tmp_path: Path, api: FakeStatsApi, redis_server: RedisServer) -> Path:
+    """A target that connects as the ACL user `monitoring` with a password it does not have."""
+    acl_user(redis_server, PASSWORD)
+    (tmp_path / "redis_password").write_text("not-" + PASSWORD)
+    return write_config(tmp_path, api, redis_server, AS_MONITORING)
 
 
 def test_the_documented_read_only_acl_is_enough_and_nothing_is_written(
     api: FakeStatsApi, redis_server: RedisServer, driver: BullmqDriver, tmp_path: Path
 ) -> None:
-    acl_user(redis_server, README_ACL)
+    acl_user(redis_server, PASSWORD)
     (tmp_path / "redis_password").write_text(PASSWORD + "\n")
     driver.open_queue("inventory")
     driver.add("inventory", "warm-up", {"ms": 1})
@@ -398,14 +396,7 @@ def test_the_documented_read_only_acl_is_enough_and_nothing_is_written(
 def test_a_wrong_password_is_redis_up_0_with_one_log_line_and_no_password(
     api: FakeStatsApi, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    acl_user(redis_server, README_ACL)
-    (tmp_path / "redis_password").write_text("not-" + PASSWORD)
-    config = write_config(
-        tmp_path,
-        api,
-        redis_server,
-        AS_MONITORING,
-    )
+    config = wrong_password_config(tmp_path, api, redis_server)
     with running_exporter(["--config.file", str(config)], tmp_path) as exporter:
         wait_until(
             lambda: "redis source unavailable" in exporter.stderr(),
@@ -423,7 +414,7 @@ def test_a_wrong_password_is_redis_up_0_with_one_log_line_and_no_password(
 def test_without_client_list_the_workers_are_left_out_with_one_log_line(
     api: FakeStatsApi, redis_server: RedisServer, driver: BullmqDriver, tmp_path: Path
 ) -> None:
-    acl_user(redis_server, "-@all +@read +multi +exec +ping")
+    acl_user(redis_server, PASSWORD, "-@all +@read +multi +exec +ping")
     (tmp_path / "redis_password").write_text(PASSWORD)
     driver.open_queue("inventory")
     driver.add("inventory", "warm-up", {"ms": 1})
@@ -495,14 +486,7 @@ def test_check_says_what_it_finds_in_the_redis_source(
 def test_check_fails_in_one_line_when_the_redis_source_cannot_be_read(
     api: FakeStatsApi, redis_server: RedisServer, tmp_path: Path
 ) -> None:
-    acl_user(redis_server, README_ACL)
-    (tmp_path / "redis_password").write_text("not-" + PASSWORD)
-    config = write_config(
-        tmp_path,
-        api,
-        redis_server,
-        AS_MONITORING,
-    )
+    config = wrong_password_config(tmp_path, api, redis_server)
     result = check("--config.file", str(config))
     assert result.returncode == 1
     lines = result.stderr.splitlines()
