@@ -7,6 +7,7 @@ stderr and exit status 2. An upstream fault is never a traceback here.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import dataclasses
 import os
@@ -16,13 +17,13 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from types import FrameType
 from typing import Any, NoReturn, TypeVar
 
 from . import __version__
 from .card import render_card
-from .client import redact_url
+from .client import Fetched, StatsClient, redact_url
 from .config import DEFAULT_PORT, SETTINGS, Config, load_config, parse_listen_address
 from .errors import ConfigError, FetchError, ParseError
 from .logs import configure_logging
@@ -133,11 +134,11 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     command = args.pop("command", None) or "serve"
     check_only = bool(args.pop("config.check", False))
     flags = {key: value for key, value in args.items() if isinstance(value, str) and "." in key}
+    if command == "demo" and "web.listen_address" not in flags:
+        flags["web.listen_address"] = f"127.0.0.1:{DEFAULT_PORT}"
+    load = _loader(flags, environ)
     try:
-        if command == "demo" and "web.listen_address" not in flags:
-            flags["web.listen_address"] = f"127.0.0.1:{DEFAULT_PORT}"
-        config = load_config(flags, environ)
-        web = load_web_config(config.web_config_file) if config.web_config_file else None
+        config, web = load()
         if command == "simulate":
             parse_listen_address(args["simulate_address"])
     except (ConfigError, ValueError) as error:
@@ -154,22 +155,65 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     if command == "simulate":
         return _simulate(args["simulate_address"], args["seed"])
     if command == "demo":
-        return _demo(config, args["seed"], web)
-    return _serve(config, web)
+        return _demo(config, args["seed"], web, flags, environ)
+    return _serve(config, web, load)
 
 
-def _serve(config: Config, web: WebConfig | None, announce: str | None = None) -> int:
+Loader = Callable[[], tuple[Config, WebConfig | None]]
+
+
+def _loader(flags: Mapping[str, str], environ: Mapping[str, str], **overrides: Any) -> Loader:
+    """What reads the config (flags, environment, files) and the web config: at start and
+    at each reload. ConfigError or ValueError when they do not pass the check."""
+
+    def load() -> tuple[Config, WebConfig | None]:
+        config = load_config(flags, environ)
+        if overrides:
+            config = dataclasses.replace(config, **overrides)
+        web = load_web_config(config.web_config_file) if config.web_config_file else None
+        return config, web
+
+    return load
+
+
+def _serve(config: Config, web: WebConfig | None, load: Loader, announce: str | None = None) -> int:
+    raise_open_files_limit()
+    return asyncio.run(_serve_until_stopped(config, web, load, announce))
+
+
+async def _serve_until_stopped(
+    config: Config, web: WebConfig | None, load: Loader, announce: str | None
+) -> int:
+    def checked_load() -> tuple[Config, WebConfig | None]:
+        try:
+            return load()
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
     exporter = Exporter(config)
+    server = MetricsServer(exporter, config.web_listen_address, web, load=checked_load)
     try:
-        server = MetricsServer(exporter, config.web_listen_address, web)
+        await server.start()
     except OSError as error:
-        exporter.close()
+        await exporter.close()
         print(
             f"{PROG}: cannot listen on {config.web_listen_address}: {error.strerror}",
             file=sys.stderr,
         )
         return 1
-    _stop_on_sigterm()
+    await exporter.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(_reload(server))
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     log.info(
         "listening",
         extra={
@@ -181,15 +225,31 @@ def _serve(config: Config, web: WebConfig | None, announce: str | None = None) -
     )
     if announce:
         print(announce.format(url=server.url), flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        log.info("shutting down")
-        server.server_close()
-        exporter.close()
+    await stop.wait()
+    log.info("shutting down")
+    await server.close()
+    await exporter.close()
     return 0
+
+
+async def _reload(server: MetricsServer) -> None:
+    """SIGHUP: the new config, or one line on why the old one keeps serving."""
+    try:
+        await server.reload()
+    except ConfigError as error:
+        log.error("reload refused: the config keeps serving", extra={"err": str(error)})
+
+
+def raise_open_files_limit() -> None:
+    """Raise the open-files soft limit to the hard one, as Go programs do at start: a
+    container's default soft limit of 1,024 would otherwise cap the connections."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _check(config: Config, name: str | None) -> int:
@@ -202,16 +262,11 @@ def _check(config: Config, name: str | None) -> int:
     target = next(t for t in config.targets if t.name == (name or names[0]))
     if target.url is None:
         return _check_redis_only(config, target)
-    exporter = Exporter(config, tail=False)
     try:
-        client = exporter.client_for(name)
-        assert client is not None
-        stats = parse_stats(client.fetch(target.timeout).body, config.limits)
+        stats = parse_stats(asyncio.run(_fetch_once(target)).body, config.limits)
     except (FetchError, ParseError) as error:
         print(f"{PROG} check: {error.reason}: {error}", file=sys.stderr)
         return 1
-    finally:
-        exporter.close()
     color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     schedules = CronSchedules(config.cron_timezone)
     sys.stdout.write(render_card(stats, time.time(), schedules, redact_url(target.url), color))
@@ -219,11 +274,17 @@ def _check(config: Config, name: str | None) -> int:
     return 1 if stats.invalid or not redis_usable else 0
 
 
+async def _fetch_once(target: Target) -> Fetched:
+    client = StatsClient(target)
+    try:
+        return await client.fetch(target.timeout)
+    finally:
+        await client.close()
+
+
 def _read_redis(read: Coroutine[Any, Any, _T], failed: str) -> _T | None:
     """What `read` returns from a Redis source; None, with one line on stderr (`failed`,
     then why), when the source cannot be read."""
-    import asyncio
-
     from redis.exceptions import RedisError
 
     try:
@@ -311,11 +372,22 @@ def _simulate(address: str, seed: int) -> int:
     return 0
 
 
-def _demo(config: Config, seed: int, web: WebConfig | None) -> int:
+def _demo(
+    config: Config,
+    seed: int,
+    web: WebConfig | None,
+    flags: Mapping[str, str],
+    environ: Mapping[str, str],
+) -> int:
     _server, url = _start_simulator("127.0.0.1:0", seed)
     print(f"demo: simulated stats API at {url}", flush=True)
     demo_config = dataclasses.replace(config, api_url=url)
-    return _serve(demo_config, web, announce="demo: exporter at {url}/metrics (Ctrl-C stops)")
+    return _serve(
+        demo_config,
+        web,
+        _loader(flags, environ, api_url=url),
+        announce="demo: exporter at {url}/metrics (Ctrl-C stops)",
+    )
 
 
 def _stop_on_sigterm() -> None:

@@ -1,24 +1,21 @@
 """Fetch a stats API: one GET, one deadline, a capped body, shared by concurrent scrapes.
 
 The caller's timeout covers the whole exchange, body included, so an upstream
-that trickles bytes still times out. Requests run on one event loop in a
-background thread, which lets a deadline cancel a read cleanly and keeps one
-keep-alive pool per target. Scrapes of a target that arrive while its
-request is in flight share that request; with a `min_interval` they share
-its result while it is younger. Bodies are returned raw, never parsed or
+that trickles bytes still times out. Requests run on the caller's event loop
+(the server's own: no thread hand-off per scrape), which lets a deadline
+cancel a read cleanly and keeps one keep-alive pool per target. Scrapes of a
+target that arrive while its request is in flight share that request; with a
+`min_interval` they share its result while it is younger. Bodies are returned raw, never parsed or
 logged here, and no credential is ever part of a message.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import copy
 import ssl
-import threading
-from collections.abc import Coroutine
+import time
 from dataclasses import dataclass
-from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -27,11 +24,9 @@ from . import __version__
 from .errors import FetchError, ParseError
 from .targets import Target
 
-__all__ = ["DEFAULT_MAX_BODY_BYTES", "EventLoop", "Fetched", "StatsClient", "redact_url"]
+__all__ = ["DEFAULT_MAX_BODY_BYTES", "Fetched", "StatsClient", "redact_url"]
 
 DEFAULT_MAX_BODY_BYTES = 5 * 1024 * 1024
-
-_T = TypeVar("_T")
 
 
 def redact_url(url: str) -> str:
@@ -56,32 +51,6 @@ class Fetched:
     age: float = 0.0
 
 
-class EventLoop:
-    """An asyncio loop in a daemon thread, shared by every target's client."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self.loop.run_forever, name="jobstats-client", daemon=True
-        )
-        self._thread.start()
-
-    def run(self, coroutine: Coroutine[Any, Any, _T]) -> _T:
-        """Run `coroutine` on the loop; block this thread until it is done."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
-
-    def submit(self, coroutine: Coroutine[Any, Any, _T]) -> concurrent.futures.Future[_T]:
-        """Start `coroutine` on the loop; its future is this thread's to wait on."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
-
-    def close(self) -> None:
-        if self.loop.is_closed():
-            return
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join()
-        self.loop.close()
-
-
 @dataclass(frozen=True, slots=True)
 class _Outcome:
     at: float
@@ -90,37 +59,30 @@ class _Outcome:
 
 
 class StatsClient:
-    """Reads one target's stats API; thread-safe.
+    """Reads one target's stats API, on one event loop at a time.
 
-    `fetch()` blocks the calling thread; `close()` releases the pool (and the
-    loop, when the client made its own). `transport` is for tests
-    (`httpx.MockTransport`, respx).
+    `fetch()` and `close()` are coroutines of the loop that uses the client.
+    `transport` is for tests (`httpx.MockTransport`, respx).
     """
 
-    def __init__(
-        self,
-        target: Target,
-        transport: httpx.AsyncBaseTransport | None = None,
-        loop: EventLoop | None = None,
-    ) -> None:
+    def __init__(self, target: Target, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.target = target
-        self._own_loop = loop is None
-        self._loop = loop or EventLoop()
         if target.url is None:
             raise ValueError(f"target {target.name} has no stats API to read")
         self._url: str = target.url
         self._where = redact_url(target.url)
-        # Touched on the loop thread only, so they need no lock.
+        # Touched on the loop only, so they need no lock.
         self._inflight: asyncio.Future[bytes] | None = None
+        #: The loop time at which the request in flight gives up.
+        self._inflight_until = 0.0
         self._last: _Outcome | None = None
-        self._client = self._loop.run(self._make_client(transport))
+        self._client = self._make_client(transport)
 
     @property
     def url(self) -> str:
         return self._url
 
-    async def _make_client(self, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
-        # Built on the loop thread, where it will be used.
+    def _make_client(self, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
         return httpx.AsyncClient(
             transport=transport,
             verify=self._verify(),
@@ -139,24 +101,17 @@ class StatsClient:
             return False
         return self.target.tls.verify()
 
-    def fetch(self, timeout: float) -> Fetched:
+    async def fetch(self, timeout: float) -> Fetched:
         """One 2xx answer's body; FetchError, or ParseError for a body that is not JSON."""
-        return self._loop.run(self._shared(timeout))
-
-    def close(self) -> None:
-        if self._loop.loop.is_closed():
-            return
-        self._loop.run(self._client.aclose())
-        if self._own_loop:
-            self._loop.close()
-
-    async def _shared(self, timeout: float) -> Fetched:
-        now = self._loop.loop.time()
+        now = time.monotonic()
         last = self._last
         if last is not None and now - last.at < self.target.min_interval:
             return self._replay(last, now - last.at)
-        if self._inflight is None:
-            self._inflight = asyncio.ensure_future(self._fetch(timeout))
+        loop_now = asyncio.get_running_loop().time()
+        if self._inflight is None or loop_now >= self._inflight_until:
+            # A request past its own deadline is ending: a new scrape does not share it.
+            self._inflight_until = loop_now + timeout
+            self._inflight = asyncio.ensure_future(self._fetch(timeout, self._inflight_until))
             self._inflight.add_done_callback(self._settle)
         try:
             # A later scrape with a shorter deadline stops waiting without cancelling the
@@ -171,7 +126,8 @@ class StatsClient:
         return Fetched(body)
 
     def _settle(self, request: asyncio.Future[bytes]) -> None:
-        self._inflight = None
+        if self._inflight is request:
+            self._inflight = None
         if request.cancelled():
             return
         # Retrieved here, always: a scrape that stopped waiting would leave it unread.
@@ -179,9 +135,9 @@ class StatsClient:
         if self.target.min_interval <= 0:
             return
         if error is None:
-            self._last = _Outcome(self._loop.loop.time(), request.result(), None)
+            self._last = _Outcome(time.monotonic(), request.result(), None)
         elif isinstance(error, FetchError | ParseError):
-            self._last = _Outcome(self._loop.loop.time(), None, error)
+            self._last = _Outcome(time.monotonic(), None, error)
 
     def _replay(self, outcome: _Outcome, age: float) -> Fetched:
         if outcome.error is not None:
@@ -189,10 +145,16 @@ class StatsClient:
         assert outcome.body is not None
         return Fetched(outcome.body, age)
 
+    async def close(self) -> None:
+        """Release the keep-alive pool; a request still in flight is cancelled."""
+        if self._inflight is not None:
+            self._inflight.cancel()
+        await self._client.aclose()
+
     def _timeout(self, timeout: float) -> FetchError:
         return FetchError("timeout", f"GET {self._where}: no complete answer within {timeout:g}s")
 
-    async def _fetch(self, timeout: float) -> bytes:
+    async def _fetch(self, timeout: float, deadline: float) -> bytes:
         where = self._where
         try:
             headers = self.target.request_headers()
@@ -201,7 +163,8 @@ class StatsClient:
             problem = str(error) if isinstance(error, ValueError) else "cannot read a credential"
             raise FetchError("connect", f"GET {where}: {problem}") from None
         try:
-            async with asyncio.timeout(timeout):
+            # The request's own deadline: it ends even when no scrape waits for it any more.
+            async with asyncio.timeout_at(deadline):
                 async with self._client.stream(
                     "GET",
                     self._url,

@@ -1,21 +1,22 @@
 """Turn one upstream answer into metric families, fresh on every scrape.
 
-The only I/O is one `client.fetch()` per scrape. The exporter's own errors
-(`FetchError`, `ParseError`) become `jobstats_up 0` plus a counted reason and
-one log line; anything else is a bug and is left to surface. The families are
-built once per scrape and either handed to prometheus_client (`collect()`,
+The only I/O is one `client.fetch()` per scrape (and the Redis source's view),
+awaited on the server's loop. The exporter's own errors (`FetchError`,
+`ParseError`) become `jobstats_up 0` plus a counted reason and one log line;
+anything else is a bug and is left to surface. The families are built once
+per scrape and either handed to prometheus_client (`StaticCollector`,
 OpenMetrics) or written straight as text (`render_text()`), byte for byte
 what prometheus_client writes but without its per-sample cost.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import platform
-import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future
+from collections.abc import Callable, Coroutine, Iterable, Iterator
+from typing import Any
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -24,15 +25,17 @@ from . import __version__
 from .client import StatsClient
 from .errors import FetchError, ParseError
 from .events import BUCKETS, RedisView
-from .exposition import Family, Histogram, render_chunks, render_text, single
-from .model import KNOWN_STATUSES, Limits, Stats, parse_stats
-from .schedule import CronSchedules
+from .exposition import Family, Histogram, render_chunks, render_text, sample_writers, single
+from .model import KNOWN_STATUSES, Limits, ParseMemo, QueueStats, Stats, parse_stats
+from .schedule import CronSchedules, Schedule
 
 __all__ = [
     "SCRAPE_ERROR_REASONS",
+    "AnswerMemo",
     "Family",
     "JobStatsCollector",
     "ScrapeErrors",
+    "StaticCollector",
     "render_chunks",
     "render_text",
 ]
@@ -61,18 +64,25 @@ class ScrapeErrors:
 
     def __init__(self) -> None:
         self._counts = dict.fromkeys(SCRAPE_ERROR_REASONS, 0)
-        self._lock = threading.Lock()
 
     def count(self, reason: str) -> None:
-        with self._lock:
-            self._counts[reason] += 1
+        self._counts[reason] += 1
 
     def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self._counts)
+        return dict(self._counts)
 
 
-class JobStatsCollector(Collector):
+class StaticCollector(Collector):
+    """Families built already, for prometheus_client's encoders (OpenMetrics)."""
+
+    def __init__(self, families: Iterable[Family | Histogram]) -> None:
+        self._metrics = [family.metric() for family in families]
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._metrics)
+
+
+class JobStatsCollector:
     """Collects one scrape: fetch with `timeout`, parse, build the families."""
 
     def __init__(
@@ -84,11 +94,15 @@ class JobStatsCollector(Collector):
         limits: Limits = Limits(),  # noqa: B008 - frozen, so one shared default is safe
         clock: Callable[[], float] = time.time,
         timer: Callable[[], float] = time.perf_counter,
-        redis_view: Callable[[float], Future[RedisView]] | None = None,
+        redis_view: Callable[[float], Coroutine[Any, Any, RedisView]] | None = None,
+        memo: AnswerMemo | None = None,
     ) -> None:
         self.client = client
         #: Starts this scrape's read of the target's Redis source; None without one.
         self.redis_view = redis_view
+        #: The target's last answer, parsed and rendered; None to build everything afresh
+        #: (and as rows: what OpenMetrics needs).
+        self.memo = memo
         self.timeout = timeout
         self.schedules = schedules
         self.errors = errors
@@ -96,26 +110,28 @@ class JobStatsCollector(Collector):
         self.clock = clock
         self.timer = timer
 
-    def collect(self) -> Iterator[Metric]:
-        for family in self.families():
-            yield family.metric()
-
-    def families(self) -> list[Family | Histogram]:
+    async def families(self) -> list[Family | Histogram]:
         """Scrape the upstream once and build every family of this scrape, in order."""
         started = self.timer()
         age = 0.0
         # Started first, so the Redis reads run while the API answers.
-        view = self.redis_view(self.timeout) if self.redis_view is not None else None
+        view = (
+            asyncio.ensure_future(self.redis_view(self.timeout))
+            if self.redis_view is not None
+            else None
+        )
         redis: RedisView | None = None
         try:
             if self.client is not None:
-                fetched = self.client.fetch(self.timeout)
+                fetched = await self.client.fetch(self.timeout)
                 age = fetched.age
-                stats: Stats | None = parse_stats(fetched.body, self.limits)
+                stats: Stats | None = parse_stats(
+                    fetched.body, self.limits, self.memo.parse if self.memo else None
+                )
             else:
                 # No stats API: the card comes from the Redis source, read under the deadline.
                 assert view is not None, "a target without a stats API has a Redis source"
-                redis = view.result(self.timeout + 5)
+                redis = await view
                 if redis.card_error is not None:
                     raise redis.card_error
                 stats = redis.card
@@ -157,8 +173,8 @@ class JobStatsCollector(Collector):
             )
             families.extend(self._stats_families(stats))
         if view is not None:
-            # The view keeps to the same deadline; the margin only guards against a bug.
-            families.extend(redis_families(redis or view.result(self.timeout + 5)))
+            # The view keeps to the same deadline as the fetch.
+            families.extend(redis_families(redis or await view))
         families.append(
             Family(
                 "jobstats_exporter_build",
@@ -258,31 +274,83 @@ class JobStatsCollector(Collector):
             "gauge",
             ("queue", "cron", "schedule"),
         )
+        per_queue = (jobs, status, recurring, next_run, cron_next, cron_interval, info)
         now = self.clock()
-        # Bound once: these run for every sample of every queue.
-        add_job, add_status = jobs.rows.append, status.rows.append
+        memo = self.memo
+        if memo is None:
+            for queue in stats.queues:
+                schedule = self._schedule(queue, now)
+                for family, rows in zip(per_queue, _queue_rows(queue, schedule), strict=True):
+                    family.rows.extend(rows)
+            return [*families, *per_queue]
+        # Each queue's lines as the last scrape rendered them, while its stats and schedule
+        # are the same objects or equal: a large answer that barely changed costs little.
+        writers = sample_writers(per_queue)
+        columns: list[list[str]] = [[] for _ in per_queue]
+        known, kept = memo.lines, {}
         for queue in stats.queues:
-            name = queue.name
-            for state, count in queue.states():
-                add_job(((name, state), count))
-            for candidate in STATUSES:
-                add_status(((name, candidate), 1 if candidate == queue.status else 0))
-            if queue.recurring is None:
-                continue
-            recurring.add((name,), queue.recurring.count)
-            if queue.recurring.next_run_ms is not None:
-                next_run.add((name,), queue.recurring.next_run_ms / 1000)
-            pattern = queue.recurring.cron
-            if pattern is None:
-                continue
-            schedule = self.schedules.at(pattern, now)
+            schedule = self._schedule(queue, now)
+            last = known.get(queue.name)
+            if last is not None and last[1] is schedule and last[0] == queue:
+                lines = last[2]
+            else:
+                lines = tuple(
+                    "".join(writer.line(*row) for row in rows)
+                    for writer, rows in zip(writers, _queue_rows(queue, schedule), strict=True)
+                )
+            kept[queue.name] = (queue, schedule, lines)
+            for column, text in zip(columns, lines, strict=True):
+                if text:
+                    column.append(text)
+        memo.lines = kept
+        for family, column in zip(per_queue, columns, strict=True):
+            family.lines = column
+        return [*families, *per_queue]
+
+    def _schedule(self, queue: QueueStats, now: float) -> Schedule | None:
+        pattern = queue.recurring.cron if queue.recurring is not None else None
+        return self.schedules.at(pattern, now) if pattern is not None else None
+
+
+Rows = list[tuple[tuple[str, ...], float]]
+
+
+def _queue_rows(
+    queue: QueueStats, schedule: Schedule | None
+) -> tuple[Rows, Rows, Rows, Rows, Rows, Rows, Rows]:
+    """One queue's samples of jobs, status, recurring jobs, next run, cron next run, cron
+    interval and recurring info, in that order."""
+    name = queue.name
+    jobs: Rows = [((name, state), count) for state, count in queue.states()]
+    status: Rows = [((name, each), 1 if each == queue.status else 0) for each in STATUSES]
+    recurring: Rows = []
+    next_run: Rows = []
+    cron_next: Rows = []
+    cron_interval: Rows = []
+    info: Rows = []
+    scheduled = queue.recurring
+    if scheduled is not None:
+        recurring.append(((name,), scheduled.count))
+        if scheduled.next_run_ms is not None:
+            next_run.append(((name,), scheduled.next_run_ms / 1000))
+        pattern = scheduled.cron
+        if pattern is not None:
             if schedule is None:
-                info.add((name, pattern, INVALID_SCHEDULE), 1)
-                continue
-            info.add((name, pattern, schedule.words), 1)
-            cron_next.add((name,), schedule.next_fire_time)
-            cron_interval.add((name,), schedule.interval_seconds)
-        return [*families, jobs, status, recurring, next_run, cron_next, cron_interval, info]
+                info.append(((name, pattern, INVALID_SCHEDULE), 1))
+            else:
+                info.append(((name, pattern, schedule.words), 1))
+                cron_next.append(((name,), schedule.next_fire_time))
+                cron_interval.append(((name,), schedule.interval_seconds))
+    return jobs, status, recurring, next_run, cron_next, cron_interval, info
+
+
+class AnswerMemo:
+    """What one target's last scrape parsed and rendered, for the next to reuse."""
+
+    def __init__(self) -> None:
+        self.parse = ParseMemo()
+        #: By queue name: its stats, its schedule, and its lines in each per-queue family.
+        self.lines: dict[str, tuple[QueueStats, Schedule | None, tuple[str, ...]]] = {}
 
 
 def redis_families(view: RedisView) -> list[Family | Histogram]:

@@ -19,7 +19,15 @@ from prometheus_client.core import (
 from prometheus_client.metrics_core import Metric
 from prometheus_client.utils import floatToGoString
 
-__all__ = ["Family", "Histogram", "render_chunks", "render_text", "single"]
+__all__ = [
+    "Family",
+    "Histogram",
+    "SampleWriter",
+    "render_chunks",
+    "render_text",
+    "sample_writers",
+    "single",
+]
 
 
 @dataclass(slots=True)
@@ -31,12 +39,17 @@ class Family:
     kind: str  # gauge, counter or info
     labels: tuple[str, ...] = ()
     rows: list[tuple[tuple[str, ...], float]] = field(default_factory=list)
+    #: The sample lines, when the caller kept them rendered (by a SampleWriter) from an
+    #: earlier scrape: then they are written as they are, and `rows` is not read.
+    lines: list[str] | None = None
 
     def add(self, values: tuple[str, ...], value: float) -> None:
         self.rows.append((values, value))
 
     def metric(self) -> Metric:
         """The same family as a prometheus_client Metric, for its encoders."""
+        if self.lines is not None:
+            raise ValueError(f"{self.name}: only rendered lines, no rows to encode")
         if self.kind == "info":
             ((values, _),) = self.rows
             return InfoMetricFamily(
@@ -95,6 +108,31 @@ def render_chunks(families: Sequence[Family | Histogram]) -> list[bytes]:
     return [chunk.encode() for chunk in _rendered(families)]
 
 
+class SampleWriter:
+    """Writes one family's sample lines, one at a time, as render_text would."""
+
+    def __init__(self, family: Family, escape: Callable[[str], str] | None = None) -> None:
+        self._template = _template(_sample_name(family), family.labels)
+        self._escape = escape or _escaper()
+
+    def line(self, values: tuple[str, ...], value: float) -> str:
+        return self._template.format(*map(self._escape, values), _number(value))
+
+
+def sample_writers(families: Sequence[Family]) -> list[SampleWriter]:
+    """A writer per family, sharing one memo of escaped label values."""
+    escape = _escaper()
+    return [SampleWriter(family, escape) for family in families]
+
+
+def _sample_name(family: Family) -> str:
+    if family.kind == "counter":
+        return family.name + "_total"
+    if family.kind == "info":
+        return family.name + "_info"
+    return family.name
+
+
 def _escaper() -> Callable[[str], str]:
     """Label values escaped once per distinct value: a queue's name is in many samples.
 
@@ -132,12 +170,12 @@ def _rendered(families: Sequence[Family | Histogram]) -> Iterator[str]:
         if isinstance(family, Histogram):
             yield _rendered_histogram(family, escape)
             continue
-        name = family.name
-        if family.kind == "counter":
-            name += "_total"
-        elif family.kind == "info":
-            name += "_info"
+        name = _sample_name(family)
         lines = [_header(name, family.help, "counter" if family.kind == "counter" else "gauge")]
+        if family.lines is not None:
+            lines.extend(family.lines)
+            yield "".join(lines)
+            continue
         if not family.labels:
             lines.extend(f"{name} {_number(value)}\n" for _, value in family.rows)
             yield "".join(lines)

@@ -4,36 +4,45 @@ One `Exporter` holds what lives between scrapes (one client per target, the
 cron cache, error counters); each scrape gets its own registry, bound to
 that scrape's target and timeout, so /metrics and /probe share one code
 path. /probe only takes the name of a configured target: it never fetches a
-URL it is given. The server is the standard library's; TLS and basic auth
-come from the web config file. /runbooks serves the alerts' runbooks, so the
-rules' links resolve wherever Prometheus reaches the exporter.
+URL it is given. One asyncio loop serves HTTP (protocol.py), runs the upstream
+requests and the Redis tailers; TLS and basic auth come from the web config
+file. /runbooks serves the alerts' runbooks, so the rules' links resolve
+wherever Prometheus reaches the exporter. POST /-/reload and SIGHUP re-read
+the config; targets that did not change keep their state.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
+import dataclasses
 import functools
 import html
 import logging
 import math
 import socket
-import ssl
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
-from prometheus_client import CollectorRegistry, ProcessCollector
-from prometheus_client.exposition import choose_encoder, generate_latest
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 
 from . import __version__
-from .client import EventLoop, StatsClient, redact_url
-from .collector import JobStatsCollector, ScrapeErrors, render_chunks
+from .client import StatsClient, redact_url
+from .collector import (
+    AnswerMemo,
+    JobStatsCollector,
+    ScrapeErrors,
+    StaticCollector,
+    render_chunks,
+)
 from .config import Config, parse_listen_address
+from .errors import ConfigError
+from .process import ProcessMetrics
+from .protocol import ConnectionLimits, Connections, Request, Response
 from .runbooks import read_runbooks, render_page
 from .schedule import CronSchedules
 from .targets import Target
@@ -54,6 +63,8 @@ __all__ = [
 SCRAPE_TIMEOUT_MARGIN = 0.5
 #: Seconds a client has to finish the TLS handshake and send its request.
 HANDSHAKE_TIMEOUT = 10.0
+#: Connections the kernel may hold for us before they are accepted (it caps this at somaxconn).
+LISTEN_BACKLOG = 4096
 _TEXT = "text/plain; charset=utf-8"
 _HTML = "text/html; charset=utf-8"
 #: The Prometheus text exposition format, as every Prometheus version reads it.
@@ -106,19 +117,38 @@ def scrape_timeout(configured: float, header: str | None) -> float:
     return min(configured, max(offered - SCRAPE_TIMEOUT_MARGIN, offered / 2))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _TargetState:
     target: Target
     #: The stats API's client; None for a target read from its Redis source alone.
     client: StatsClient | None
     errors: ScrapeErrors
-    #: The tailer of the target's BullMQ Redis, and its task; None without one.
+    #: The tailer of the target's BullMQ Redis, and its task once started; None without one.
     tailer: Tailer | None = None
-    task: concurrent.futures.Future[None] | None = None
+    task: asyncio.Task[None] | None = None
+    #: The last answer, parsed and rendered, for the next scrape to reuse what did not change.
+    memo: AnswerMemo = dataclasses.field(default_factory=AnswerMemo)
+
+    def start(self) -> None:
+        if self.tailer is not None and self.task is None:
+            self.task = asyncio.get_running_loop().create_task(self.tailer.run())
+            self.task.add_done_callback(_report_crash)
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+        if self.tailer is not None:
+            await self.tailer.close()
+        if self.client is not None:
+            await self.client.close()
 
 
 class Exporter:
-    """The exporter's long-lived parts, built from a Config; close() when done."""
+    """The exporter's long-lived parts, built from a Config.
+
+    `start()` starts the Redis tailers on the running loop, `close()` stops
+    everything; `metrics()` is one scrape. `reload()` takes a new Config.
+    """
 
     def __init__(
         self,
@@ -130,20 +160,16 @@ class Exporter:
         self.config = config
         self.schedules = CronSchedules(config.cron_timezone)
         self.clock = clock
-        self._loop = EventLoop()
-        self._targets = {
-            target.name: self._target_state(target, transport, tail) for target in config.targets
-        }
+        self._transport = transport
+        self._tail = tail
+        self._started = False
+        self._targets = {target.name: self._target_state(target) for target in config.targets}
         self.default_target = config.targets[0].name
-        self._process = ProcessCollector(registry=None)
-        self._process_registry = CollectorRegistry(auto_describe=False)
-        self._process_registry.register(self._process)
+        self._process = ProcessMetrics()
 
-    def _target_state(
-        self, target: Target, transport: httpx.AsyncBaseTransport | None, tail: bool
-    ) -> _TargetState:
-        client = StatsClient(target, transport, self._loop) if target.url else None
-        if target.redis is None or not tail:
+    def _target_state(self, target: Target) -> _TargetState:
+        client = StatsClient(target, self._transport) if target.url else None
+        if target.redis is None or not self._tail:
             return _TargetState(target, client, ScrapeErrors())
         from .events import Tailer  # only a Redis source loads redis-py
 
@@ -156,9 +182,42 @@ class Exporter:
             # Without a stats API, the card itself comes from Redis.
             card=client is None,
         )
-        task = self._loop.submit(tailer.run())
-        task.add_done_callback(_report_crash)
-        return _TargetState(target, client, ScrapeErrors(), tailer, task)
+        return _TargetState(target, client, ScrapeErrors(), tailer)
+
+    async def start(self) -> None:
+        """Start tailing every Redis source, on the running loop."""
+        self._started = True
+        for state in self._targets.values():
+            state.start()
+
+    async def reload(self, config: Config) -> list[str]:
+        """Serve `config` from now on; the names of the targets built anew.
+
+        A target whose settings did not change keeps its client (and its keep-alive
+        connections and shared requests), its error counters and its tailer.
+        """
+        old = self._targets
+        kept_limits = config.limits == self.config.limits
+        if config.cron_timezone != self.config.cron_timezone:
+            self.schedules = CronSchedules(config.cron_timezone)
+        self.config = config
+        targets: dict[str, _TargetState] = {}
+        rebuilt: list[str] = []
+        for target in config.targets:
+            state = old.get(target.name)
+            if state is not None and state.target == target and (kept_limits or not state.tailer):
+                targets[target.name] = state
+                continue
+            targets[target.name] = self._target_state(target)
+            rebuilt.append(target.name)
+            if self._started:
+                targets[target.name].start()
+        self._targets = targets
+        self.default_target = config.targets[0].name
+        for name, state in old.items():
+            if targets.get(name) is not state:
+                await state.close()
+        return rebuilt
 
     def client_for(self, target: str | None) -> StatsClient | None:
         """The stats API client of `target` (default: the first), None when it has no API;
@@ -171,18 +230,9 @@ class Exporter:
             raise UnknownTargetError(target)
         return state
 
-    def registry(
-        self, timeout: float | None = None, target: str | None = None
-    ) -> CollectorRegistry:
-        """A registry for one scrape of `target` (default: the first): stats plus process_*."""
-        state = self._state(target)
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(self._collector(state, timeout or state.target.timeout))
-        registry.register(self._process)
-        return registry
-
-    def _collector(self, state: _TargetState, timeout: float) -> JobStatsCollector:
-        tailer = state.tailer
+    def _collector(
+        self, state: _TargetState, timeout: float, memo: AnswerMemo | None
+    ) -> JobStatsCollector:
         return JobStatsCollector(
             state.client,
             timeout,
@@ -190,12 +240,11 @@ class Exporter:
             state.errors,
             self.config.limits,
             self.clock,
-            redis_view=(lambda deadline: self._loop.submit(tailer.view(deadline)))
-            if tailer is not None
-            else None,
+            redis_view=state.tailer.view if state.tailer is not None else None,
+            memo=memo,
         )
 
-    def metrics(
+    async def metrics(
         self, accept: str | None, timeout_header: str | None, target: str | None = None
     ) -> tuple[list[bytes], str]:
         """The exposition, in chunks, and its content type, for one scrape.
@@ -204,15 +253,18 @@ class Exporter:
         """
         state = self._state(target)
         timeout = scrape_timeout(state.target.timeout, timeout_header)
-        if wants_openmetrics(accept):
+        openmetrics = wants_openmetrics(accept)
+        # OpenMetrics needs rows, not rendered lines: it is built afresh.
+        collector = self._collector(state, timeout, None if openmetrics else state.memo)
+        families = await collector.families()
+        families.extend(self._process.families())
+        if openmetrics:
             encoder, content_type = choose_encoder(accept or "")
-            return [encoder(self.registry(timeout, target))], content_type
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(StaticCollector(families))
+            return [encoder(registry)], content_type
         # The text format, written directly: what generate_latest writes, without its cost.
-        families = self._collector(state, timeout).families()
-        chunks = render_chunks(families)
-        del families  # the rendered text is all that is needed now
-        chunks.append(generate_latest(self._process_registry))
-        return chunks, TEXT_FORMAT
+        return render_chunks(families), TEXT_FORMAT
 
     @functools.cached_property
     def runbooks_page(self) -> bytes:
@@ -245,14 +297,9 @@ Reads a job stats API once per scrape.</p>
 </body></html>
 """.encode()
 
-    def close(self) -> None:
+    async def close(self) -> None:
         for state in self._targets.values():
-            if state.task is not None and state.tailer is not None:
-                state.task.cancel()
-                self._loop.run(state.tailer.close())
-            if state.client is not None:
-                state.client.close()
-        self._loop.close()
+            await state.close()
 
 
 def source_of(target: Target) -> str:
@@ -265,7 +312,7 @@ def source_of(target: Target) -> str:
     return f"{where(target.redis)} (BullMQ's Redis only)"
 
 
-def _report_crash(task: concurrent.futures.Future[None]) -> None:
+def _report_crash(task: asyncio.Task[None]) -> None:
     """A tailer ends only when cancelled; any other end is a bug, logged with its traceback."""
     if task.cancelled():
         return
@@ -274,136 +321,161 @@ def _report_crash(task: concurrent.futures.Future[None]) -> None:
         log.error("redis source stopped on an internal error", exc_info=error)
 
 
-class MetricsServer(ThreadingHTTPServer):
-    """A threading HTTP server that knows its Exporter, with optional TLS and basic auth."""
+class MetricsServer:
+    """The exporter's HTTP side on the running loop, with optional TLS and basic auth.
 
-    daemon_threads = True
+    `load`, when given, re-reads the config files for POST /-/reload and `reload()`.
+    """
 
-    def __init__(self, exporter: Exporter, address: str, web: WebConfig | None = None) -> None:
-        host, port = parse_listen_address(address)
-        if ":" in host:
-            self.address_family = socket.AF_INET6
+    def __init__(
+        self,
+        exporter: Exporter,
+        address: str,
+        web: WebConfig | None = None,
+        limits: ConnectionLimits = ConnectionLimits(),  # noqa: B008 - frozen
+        load: Callable[[], tuple[Config, WebConfig | None]] | None = None,
+    ) -> None:
         self.exporter = exporter
+        self.address = address
         self.web = web or WebConfig()
-        self._tls = self.web.ssl_context() if self.web.tls else None
-        super().__init__((host, port), _Handler)
+        self._load = load
+        self._connections = Connections(self._handle, f"jobstats-exporter/{__version__}", limits)
+        self._server: asyncio.Server | None = None
 
-    def finish_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
-        # The handshake runs here, in the connection's own thread: a slow client holds
-        # up nobody else.
-        if self._tls is None:
-            super().finish_request(request, client_address)
-            return
-        request.settimeout(HANDSHAKE_TIMEOUT)
-        try:
-            secured = self._tls.wrap_socket(request, server_side=True)
-        except (ssl.SSLError, OSError) as error:
-            log.info(
-                "TLS handshake failed", extra={"client": str(client_address), "err": str(error)}
-            )
-            return
-        try:
-            super().finish_request(secured, client_address)
-        finally:
-            # The wrapped socket now owns the connection: the server closes only the
-            # original, which wrapping emptied.
-            self.shutdown_request(secured)
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        # A scraper that hangs up is routine; anything else is a bug worth its traceback.
-        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError | ssl.SSLError):
-            return
-        log.error("request failed", exc_info=True)
+    async def start(self) -> None:
+        """Listen; OSError when the address cannot be had."""
+        host, port = parse_listen_address(self.address)
+        self._server = await asyncio.get_running_loop().create_server(
+            self._connections.protocol,
+            host or None,
+            port,
+            family=socket.AF_INET6 if ":" in host else socket.AF_UNSPEC,
+            backlog=LISTEN_BACKLOG,
+            ssl=self.web.ssl_context() if self.web.tls else None,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.web.tls else None,
+            reuse_address=True,
+        )
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        host = host.decode() if isinstance(host, bytes) else host
-        shown = host if self.address_family == socket.AF_INET else f"[{host}]"
-        scheme = "https" if self._tls else "http"
+        assert self._server is not None, "start() first"
+        host, port = self._server.sockets[0].getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        scheme = "https" if self.web.tls else "http"
         return f"{scheme}://{shown}:{port}"
 
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+        return len(self._connections.open)
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = f"jobstats-exporter/{__version__}"
-    # Buffered writes: headers and body leave in one send, so Nagle never stalls a scrape.
-    wbufsize = 64 * 1024
-    # An idle keep-alive connection is closed after this many seconds.
-    timeout = 300
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop listening; let requests in progress finish within `grace` seconds."""
+        if self._server is not None:
+            self._server.close()
+        await self._connections.close(grace)
 
-    def setup(self) -> None:
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    async def reload(self) -> None:
+        """Re-read the config files and serve them; ConfigError, and nothing changes, when
+        they do not pass the check."""
+        if self._load is None:
+            raise ConfigError("reload: the exporter was not started from config files")
+        config, web = self._load()
+        if config.web_listen_address != self.exporter.config.web_listen_address:
+            log.warning(
+                "reload: a new web.listen_address takes a restart",
+                extra={"address": config.web_listen_address},
+            )
+            config = dataclasses.replace(
+                config, web_listen_address=self.exporter.config.web_listen_address
+            )
+        web = web or WebConfig()
+        if not web.same_tls(self.web):
+            log.warning("reload: a new tls_server_config takes a restart; the users are reloaded")
+            web = self.web.with_users(web.users)
+        rebuilt = await self.exporter.reload(config)
+        self.web = web
+        log.info(
+            "config reloaded",
+            extra={
+                "targets": ",".join(t.name for t in config.targets),
+                "rebuilt": ",".join(rebuilt) or "none",
+            },
+        )
 
-    def do_GET(self) -> None:
-        server = cast(MetricsServer, self.server)
-        exporter = server.exporter
-        url = urlsplit(self.path)
+    # --- requests ----------------------------------------------------------------------
+
+    async def _handle(self, request: Request) -> Response:
+        try:
+            return await self._route(request)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("request failed on an internal error")
+            return Response(500, b"Internal error, see the exporter's log\n", _TEXT)
+
+    async def _route(self, request: Request) -> Response:
+        url = urlsplit(request.target)
         path = url.path
-        if path not in _OPEN_PATHS and not server.web.authorized(self.headers.get("Authorization")):
-            self._answer(
+        if path not in _OPEN_PATHS and not await self._authorized(
+            request.headers.get("authorization")
+        ):
+            return Response(
                 401,
                 b"Unauthorized\n",
                 _TEXT,
                 {"WWW-Authenticate": 'Basic realm="jobstats-exporter"'},
             )
-            return
+        if path == "/-/reload":
+            if request.method != "POST":
+                return Response(405, b"Use POST to reload\n", _TEXT, {"Allow": "POST"})
+            try:
+                await self.reload()
+            except ConfigError as error:
+                log.error("reload refused: the config keeps serving", extra={"err": str(error)})
+                return Response(500, f"failed to reload config: {error}\n".encode(), _TEXT)
+            return Response(200, b"Reloaded\n", _TEXT)
+        if request.method != "GET":
+            return Response(405, b"Method not allowed\n", _TEXT, {"Allow": "GET"})
+        exporter = self.exporter
         if path in ("/metrics", "/probe"):
             target = None
             if path == "/probe":
                 names = parse_qs(url.query).get("target", [])
                 if len(names) != 1 or not names[0]:
-                    self._answer(400, b"Give one target: /probe?target=NAME\n", _TEXT)
-                    return
+                    return Response(400, b"Give one target: /probe?target=NAME\n", _TEXT)
                 target = names[0]
-            self._scrape(exporter, target)
-        elif path == "/":
-            self._answer(200, exporter.landing_page(), _HTML)
-        elif path == "/runbooks":
-            self._answer(200, exporter.runbooks_page, _HTML)
-        elif path == "/-/healthy":
-            self._answer(200, b"Healthy\n", _TEXT)
-        elif path == "/-/ready":
-            self._answer(200, b"Ready\n", _TEXT)
-        else:
-            self._answer(404, b"Not found. Metrics are at /metrics\n", _TEXT)
+            return await self._scrape(request, target)
+        if path == "/":
+            return Response(200, exporter.landing_page(), _HTML)
+        if path == "/runbooks":
+            return Response(200, exporter.runbooks_page, _HTML)
+        if path == "/-/healthy":
+            return Response(200, b"Healthy\n", _TEXT)
+        if path == "/-/ready":
+            return Response(200, b"Ready\n", _TEXT)
+        return Response(404, b"Not found. Metrics are at /metrics\n", _TEXT)
 
-    def _scrape(self, exporter: Exporter, target: str | None) -> None:
+    async def _scrape(self, request: Request, target: str | None) -> Response:
         try:
-            body, content_type = exporter.metrics(
-                self.headers.get("Accept"),
-                self.headers.get("X-Prometheus-Scrape-Timeout-Seconds"),
+            body, content_type = await self.exporter.metrics(
+                request.headers.get("accept"),
+                request.headers.get("x-prometheus-scrape-timeout-seconds"),
                 target,
             )
         except UnknownTargetError:
             # The name is not echoed: it is the caller's input, and may be anything.
-            self._answer(400, b"Unknown target: not one of the configured targets\n", _TEXT)
-            return
+            return Response(400, b"Unknown target: not one of the configured targets\n", _TEXT)
         except Exception:
             # Upstream faults never get here (the collector answers them); this is a bug.
             log.exception("scrape failed on an internal error")
-            self._answer(500, b"Internal error, see the exporter's log\n", _TEXT)
-            return
-        self._answer(200, body, content_type)
+            return Response(500, b"Internal error, see the exporter's log\n", _TEXT)
+        return Response(200, body, content_type)
 
-    def _answer(
-        self,
-        status: int,
-        body: bytes | list[bytes],
-        content_type: str,
-        headers: dict[str, str] | None = None,
-    ) -> None:
-        chunks = [body] if isinstance(body, bytes) else body
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(sum(map(len, chunks))))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        for chunk in chunks:
-            self.wfile.write(chunk)
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        # The standard library logs every request to stderr; scrapes are not news.
-        pass
+    async def _authorized(self, header: str | None) -> bool:
+        web = self.web
+        known = web.remembered(header)
+        if known is not None:
+            return known
+        # bcrypt is slow on purpose: checked on a worker thread, the loop keeps serving.
+        return await asyncio.to_thread(web.authorized, header)

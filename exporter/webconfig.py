@@ -65,18 +65,57 @@ class WebConfig:
             context.load_verify_locations(cafile=self.client_ca_file)
         return context
 
-    def authorized(self, header: str | None) -> bool:
-        """True when no user is configured, or `header` is Basic with a known user's password."""
+    def same_tls(self, other: WebConfig) -> bool:
+        return (
+            self.cert_file,
+            self.key_file,
+            self.client_ca_file,
+            self.client_auth_type,
+            self.min_version,
+        ) == (
+            other.cert_file,
+            other.key_file,
+            other.client_ca_file,
+            other.client_auth_type,
+            other.min_version,
+        )
+
+    def with_users(self, users: Mapping[str, bytes]) -> WebConfig:
+        """These TLS settings with other users (and nothing remembered of the old ones)."""
+        return WebConfig(
+            self.cert_file,
+            self.key_file,
+            self.client_ca_file,
+            self.client_auth_type,
+            self.min_version,
+            users,
+        )
+
+    def remembered(self, header: str | None) -> bool | None:
+        """What `authorized(header)` answers, when that takes no bcrypt check; else None."""
         if not self.users:
             return True
-        scheme, _, credentials = (header or "").partition(" ")
-        if scheme.lower() != "basic":
+        parsed = _basic_credentials(header)
+        if parsed is None:
             return False
-        try:
-            decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
-        except (binascii.Error, UnicodeDecodeError):
+        user, password = parsed
+        if user not in self.users:
+            return None  # refused, but only after as long as a known user's check takes
+        key = (user, hashlib.sha256(password.encode()).digest())
+        with self._lock:
+            return self._verified.get(key)
+
+    def authorized(self, header: str | None) -> bool:
+        """True when no user is configured, or `header` is Basic with a known user's password.
+
+        It may take a bcrypt check (tens of milliseconds): call it off the event loop.
+        """
+        if not self.users:
+            return True
+        parsed = _basic_credentials(header)
+        if parsed is None:
             return False
-        user, sep, password = decoded.partition(":")
+        user, password = parsed
         hashed = self.users.get(user)
         secret = password.encode()
         if len(secret) > _BCRYPT_MAX_BYTES:
@@ -85,7 +124,7 @@ class WebConfig:
             hashed = None
         import bcrypt  # here, not at the top: only basic auth needs it (0.5 MiB)
 
-        if not sep or hashed is None:
+        if hashed is None:
             # As slow as a known user's check, so that timing does not tell which users exist.
             bcrypt.checkpw(secret, _UNKNOWN_USER_HASH)
             return False
@@ -100,6 +139,19 @@ class WebConfig:
                 self._verified.clear()
             self._verified[key] = ok
         return ok
+
+
+def _basic_credentials(header: str | None) -> tuple[str, str] | None:
+    """The user and password of a Basic `Authorization` header; None when it is not one."""
+    scheme, _, credentials = (header or "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    user, sep, password = decoded.partition(":")
+    return (user, password) if sep else None
 
 
 def load_web_config(path: str) -> WebConfig:

@@ -1,0 +1,333 @@
+"""HTTP/1.1 connections on asyncio: httptools parses, this module keeps the deadlines.
+
+One `Connection` per client socket answers its requests one at a time, in order,
+through the caller's `handle(Request) -> Response`. A client has
+`REQUEST_TIMEOUT` seconds to send a complete request, an idle keep-alive
+connection is closed after `IDLE_TIMEOUT`, and past `max_connections` a new
+connection is closed at once. It knows nothing of metrics, and parses nothing
+by hand.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from http import HTTPStatus
+
+import httptools
+
+__all__ = [
+    "IDLE_TIMEOUT",
+    "MAX_CONNECTIONS",
+    "REQUEST_TIMEOUT",
+    "Connection",
+    "ConnectionLimits",
+    "Connections",
+    "Request",
+    "Response",
+]
+
+#: Seconds a client has, from connecting or from the first byte after an answer, to send
+#: a complete request (headers and body).
+REQUEST_TIMEOUT = 10.0
+#: Seconds an idle keep-alive connection is kept: longer than any scrape interval in use
+#: and than Prometheus' own 5 minutes, so the scraper, not the server, closes it.
+IDLE_TIMEOUT = 330.0
+#: Connections served at once; past it, new ones are closed as soon as accepted.
+MAX_CONNECTIONS = 10_000
+#: Bytes of request line and headers taken at most; more is answered 431.
+MAX_HEADER_BYTES = 64 * 1024
+#: Bytes of request body taken at most (no endpoint reads one); more is answered 413.
+MAX_BODY_BYTES = 64 * 1024
+#: Requests taken ahead of their answers on one connection before reading pauses.
+MAX_PIPELINED = 8
+#: Seconds between two log lines about refused connections.
+_REFUSED_LOG_INTERVAL = 60.0
+
+log = logging.getLogger("jobstats_exporter")
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    request_timeout: float = REQUEST_TIMEOUT
+    idle_timeout: float = IDLE_TIMEOUT
+    max_connections: int = MAX_CONNECTIONS
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    method: str
+    #: The request target as sent: path and query.
+    target: str
+    #: Header names in lower case; a repeated header keeps its last value.
+    headers: Mapping[str, str]
+    body: bytes = b""
+    #: False when the client asked to close after the answer (or spoke HTTP/1.0 without it).
+    keep_alive: bool = True
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    body: bytes | list[bytes]
+    content_type: str
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class Connections:
+    """The open connections of one server: counted against the cap, closed on shutdown."""
+
+    def __init__(self, handle: Handler, server_name: str, limits: ConnectionLimits) -> None:
+        self.handle = handle
+        self.server_name = server_name
+        self.limits = limits
+        self.open: set[Connection] = set()
+        self.refused = 0
+        self._refused_logged_at = -_REFUSED_LOG_INTERVAL
+        self._date: tuple[int, str] = (0, "")
+
+    def http_date(self) -> str:
+        """The Date header's value, formatted once a second."""
+        now = int(time.time())
+        if self._date[0] != now:
+            self._date = (now, email.utils.formatdate(now, usegmt=True))
+        return self._date[1]
+
+    def protocol(self) -> Connection:
+        return Connection(self)
+
+    def refuse(self) -> None:
+        self.refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged_at >= _REFUSED_LOG_INTERVAL:
+            self._refused_logged_at = now
+            log.warning(
+                "connection limit reached: new connections are closed",
+                extra={"max_connections": self.limits.max_connections, "count": self.refused},
+            )
+
+    async def close(self, grace: float) -> None:
+        """Close idle connections now; give those answering a request `grace` seconds."""
+        for connection in list(self.open):
+            connection.close_when_idle()
+        deadline = time.monotonic() + grace
+        while self.open and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for connection in list(self.open):
+            connection.abort()
+
+
+class Connection(asyncio.Protocol):
+    """One client's connection: parse, answer in order, keep the deadlines."""
+
+    def __init__(self, connections: Connections) -> None:
+        self._connections = connections
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpRequestParser(self)
+        self._timer: asyncio.TimerHandle | None = None
+        self._requests: deque[Request] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._closing = False
+        #: Close once the requests taken so far are answered.
+        self._last_request_taken = False
+        #: The status that refuses a request too large to take; 0 while none is.
+        self._too_large = 0
+        # The request being received.
+        self._in_message = False
+        self._received = 0
+        self._url = b""
+        self._headers: dict[str, str] = {}
+        self._body = bytearray()
+
+    # --- asyncio.Protocol --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        connections = self._connections
+        if len(connections.open) >= connections.limits.max_connections:
+            connections.refuse()
+            transport.abort()
+            return
+        connections.open.add(self)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Headers and body may leave in two sends: Nagle must not hold the second.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._arm(connections.limits.request_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._connections.open.discard(self)
+        self._disarm()
+        self._closing = True
+        self._writable.set()
+        if self._task is not None:
+            # A scrape whose client left: its shared upstream request goes on for the others.
+            self._task.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        if not self._in_message and not self._requests and self._task is None:
+            # The first byte after an answer: the request deadline starts now.
+            self._arm(self._connections.limits.request_timeout)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # No protocol upgrade is offered: the request is answered, then the connection ends.
+            self._last_request_taken = True
+        except httptools.HttpParserError:
+            self._refuse(HTTPStatus.BAD_REQUEST)
+            return
+        if self._too_large:
+            self._refuse(HTTPStatus(self._too_large))
+            return
+        if len(self._requests) >= MAX_PIPELINED and self._transport is not None:
+            self._transport.pause_reading()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # --- httptools callbacks -----------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_message = True
+        self._received = 0
+        self._url = b""
+        self._headers = {}
+        self._body = bytearray()
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._received += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._received += len(name) + len(value) + 4
+        if self._received > MAX_HEADER_BYTES:
+            self._too_large = self._too_large or HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE
+            return
+        self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_body(self, body: bytes) -> None:
+        if len(self._body) + len(body) > MAX_BODY_BYTES:
+            self._too_large = self._too_large or HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+            return
+        self._body += body
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        if self._too_large or self._last_request_taken:
+            return
+        keep_alive = self._parser.should_keep_alive()
+        self._requests.append(
+            Request(
+                self._parser.get_method().decode("ascii", "replace"),
+                self._url.decode("latin-1"),
+                self._headers,
+                bytes(self._body),
+                keep_alive,
+            )
+        )
+        self._last_request_taken = not keep_alive
+        self._disarm()
+        if self._task is None:
+            self._task = self._loop.create_task(self._answer_all())
+
+    # --- answering ---------------------------------------------------------------------
+
+    async def _answer_all(self) -> None:
+        try:
+            while self._requests and not self._closing:
+                request = self._requests.popleft()
+                if self._transport is not None and len(self._requests) < MAX_PIPELINED:
+                    self._transport.resume_reading()
+                response = await self._connections.handle(request)
+                await self._writable.wait()
+                if self._closing:
+                    return
+                keep_alive = not (self._last_request_taken and not self._requests)
+                self._write(response, keep_alive)
+                if not keep_alive:
+                    self._close()
+                    return
+        finally:
+            self._task = None
+        if not self._closing:
+            limits = self._connections.limits
+            self._arm(limits.request_timeout if self._in_message else limits.idle_timeout)
+
+    def _write(self, response: Response, keep_alive: bool) -> None:
+        assert self._transport is not None
+        chunks = [response.body] if isinstance(response.body, bytes) else response.body
+        status = HTTPStatus(response.status)
+        lines = [
+            f"HTTP/1.1 {status.value} {status.phrase}",
+            f"Server: {self._connections.server_name}",
+            f"Date: {self._connections.http_date()}",
+            f"Content-Type: {response.content_type}",
+            f"Content-Length: {sum(map(len, chunks))}",
+        ]
+        lines.extend(f"{name}: {value}" for name, value in response.headers.items())
+        if not keep_alive:
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self._transport.writelines([head, *chunks])
+
+    def _refuse(self, status: HTTPStatus) -> None:
+        """Answer a request that cannot be parsed or is too large, then close."""
+        self._requests.clear()
+        if self._task is None and self._transport is not None:
+            self._write(Response(status.value, f"{status.phrase}\n".encode(), _TEXT), False)
+        self._close()
+
+    # --- closing -----------------------------------------------------------------------
+
+    def close_when_idle(self) -> None:
+        if self._task is None:
+            self._close()
+        else:
+            self._last_request_taken = True
+            self._requests.clear()
+
+    def abort(self) -> None:
+        self._closing = True
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _close(self) -> None:
+        self._closing = True
+        self._disarm()
+        if self._transport is not None:
+            self._transport.close()
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        self._timer = self._loop.call_later(seconds, self._expired)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expired(self) -> None:
+        self._timer = None
+        if self._task is None:
+            self._close()
+
+
+_TEXT = "text/plain; charset=utf-8"
