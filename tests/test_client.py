@@ -10,13 +10,18 @@ import httpx
 import pytest
 import respx
 
-from exporter.client import StatsClient, redact_url
+from exporter.client import Fetched, StatsClient, redact_url
 from exporter.errors import FetchError, ParseError
 from exporter.targets import Target
 
 from samples import sample_bytes
 
 URL = "http://api.test:3001/api/jobs/stats"
+
+
+def fetch(client: StatsClient, timeout: float) -> Fetched:
+    """One fetch, on a loop of its own."""
+    return asyncio.run(client.fetch(timeout))
 
 
 def target(url: str, max_body_size: int = 5 * 1024 * 1024) -> Target:
@@ -27,7 +32,7 @@ def target(url: str, max_body_size: int = 5 * 1024 * 1024) -> Target:
 def client() -> Iterator[StatsClient]:
     stats_client = StatsClient(target(URL, max_body_size=64 * 1024))
     yield stats_client
-    stats_client.close()
+    asyncio.run(stats_client.close())
 
 
 @pytest.mark.parametrize(
@@ -45,7 +50,7 @@ def test_redact_url_drops_credentials_and_query(url: str, shown: str) -> None:
 @respx.mock
 def test_fetch_sends_one_get_asking_for_json(client: StatsClient) -> None:
     route = respx.get(URL).respond(200, content=sample_bytes("enabled"))
-    assert client.fetch(5).body == sample_bytes("enabled")
+    assert fetch(client, 5).body == sample_bytes("enabled")
     assert route.call_count == 1
     request = route.calls.last.request
     assert request.headers["Accept"] == "application/json"
@@ -56,7 +61,7 @@ def test_fetch_sends_one_get_asking_for_json(client: StatsClient) -> None:
 def test_declared_length_over_the_cap_is_too_large(client: StatsClient) -> None:
     respx.get(URL).respond(200, content=b"x" * (64 * 1024 + 1))
     with pytest.raises(FetchError) as caught:
-        client.fetch(5)
+        fetch(client, 5)
     assert caught.value.reason == "too_large"
 
 
@@ -70,7 +75,7 @@ def test_compressed_body_is_capped_after_decompression(client: StatsClient) -> N
     )
     assert len(bomb) < 64 * 1024
     with pytest.raises(FetchError) as caught:
-        client.fetch(5)
+        fetch(client, 5)
     assert caught.value.reason == "too_large"
 
 
@@ -82,7 +87,7 @@ def test_corrupt_compressed_body_is_invalid_json(client: StatsClient) -> None:
         )
     )
     with pytest.raises(ParseError) as caught:
-        client.fetch(5)
+        fetch(client, 5)
     assert caught.value.reason == "invalid_json"
 
 
@@ -90,7 +95,7 @@ def test_corrupt_compressed_body_is_invalid_json(client: StatsClient) -> None:
 @respx.mock
 def test_any_2xx_is_read(client: StatsClient, status: int) -> None:
     respx.get(URL).respond(status, content=b"{}")
-    assert client.fetch(5).body == b"{}"
+    assert fetch(client, 5).body == b"{}"
 
 
 @pytest.mark.parametrize("status", [301, 400, 401, 404, 500, 502, 503, 504])
@@ -98,7 +103,7 @@ def test_any_2xx_is_read(client: StatsClient, status: int) -> None:
 def test_other_statuses_are_http_status_and_name_the_code(client: StatsClient, status: int) -> None:
     respx.get(URL).respond(status, content=sample_bytes("enabled"))
     with pytest.raises(FetchError) as caught:
-        client.fetch(5)
+        fetch(client, 5)
     assert caught.value.reason == "http_status"
     assert f"HTTP status {status}" in str(caught.value)
 
@@ -116,9 +121,9 @@ def test_a_trickling_body_still_times_out() -> None:
     stats_client = StatsClient(target(URL), transport=httpx.MockTransport(handler))
     try:
         with pytest.raises(FetchError) as caught:
-            stats_client.fetch(0.3)
+            fetch(stats_client, 0.3)
     finally:
-        stats_client.close()
+        asyncio.run(stats_client.close())
     assert caught.value.reason == "timeout"
 
 
@@ -126,13 +131,85 @@ def test_connection_refused_is_connect() -> None:
     stats_client = StatsClient(target("http://127.0.0.1:9/api/jobs/stats"))
     try:
         with pytest.raises(FetchError) as caught:
-            stats_client.fetch(2)
+            fetch(stats_client, 2)
     finally:
-        stats_client.close()
+        asyncio.run(stats_client.close())
     assert caught.value.reason == "connect"
 
 
 def test_close_is_idempotent() -> None:
     stats_client = StatsClient(target(URL))
-    stats_client.close()
-    stats_client.close()
+    asyncio.run(stats_client.close())
+    asyncio.run(stats_client.close())
+
+
+@respx.mock
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirect_is_a_failed_scrape_never_a_request_elsewhere(
+    client: StatsClient, status: int
+) -> None:
+    elsewhere = respx.get("http://other.test/stats").respond(200, content=b"{}")
+    respx.get(URL).respond(status, headers={"Location": "http://other.test/stats"})
+    with pytest.raises(FetchError) as caught:
+        fetch(client, 5)
+    assert caught.value.reason == "http_status"
+    assert f"HTTP status {status}" in str(caught.value)
+    assert elsewhere.call_count == 0
+
+
+def test_a_trickling_answer_is_given_up_by_the_request_itself() -> None:
+    """The caller's deadline alone would leave the request running, holding a connection
+    of the pool for as long as the upstream trickles."""
+    given_up = asyncio.Event()
+
+    async def trickle() -> AsyncIterator[bytes]:
+        try:
+            for _ in range(1000):
+                await asyncio.sleep(0.05)
+                yield b" "
+        finally:
+            given_up.set()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=trickle())
+
+    async def scrape() -> None:
+        stats_client = StatsClient(target(URL), transport=httpx.MockTransport(handler))
+        try:
+            with pytest.raises(FetchError):
+                await stats_client.fetch(0.3)
+            async with asyncio.timeout(5):
+                await given_up.wait()
+        finally:
+            await stats_client.close()
+
+    asyncio.run(scrape())
+
+
+def test_a_scrape_at_the_deadline_of_a_request_starts_a_new_one() -> None:
+    """The request in flight is about to fail: a scrape arriving then must not share it."""
+    answers = 0
+
+    async def trickle() -> AsyncIterator[bytes]:
+        for _ in range(1000):
+            await asyncio.sleep(0.05)
+            yield b" "
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal answers
+        answers += 1
+        if answers == 1:
+            return httpx.Response(200, content=trickle())
+        return httpx.Response(200, content=b"{}")
+
+    async def scrapes() -> Fetched:
+        stats_client = StatsClient(target(URL), transport=httpx.MockTransport(handler))
+        try:
+            with pytest.raises(FetchError):
+                await stats_client.fetch(0.3)
+            return await stats_client.fetch(1.0)
+        finally:
+            await stats_client.close()
+
+    assert asyncio.run(scrapes()).body == b"{}"
+    assert answers == 2

@@ -6,6 +6,7 @@ read the diff before committing it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -17,14 +18,15 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.client import StatsClient
 from exporter.collector import (
     SCRAPE_ERROR_REASONS,
+    AnswerMemo,
     JobStatsCollector,
     ScrapeErrors,
+    StaticCollector,
     render_chunks,
     render_text,
 )
@@ -66,7 +68,7 @@ def client(upstream: Upstream) -> Iterator[StatsClient]:
     )
     stats_client = StatsClient(target, httpx.MockTransport(upstream))
     yield stats_client
-    stats_client.close()
+    asyncio.run(stats_client.close())
 
 
 @pytest.fixture
@@ -84,7 +86,7 @@ def scrape(client: StatsClient, errors: ScrapeErrors) -> Callable[[], str]:
             client, 5.0, schedules, errors, clock=lambda: NOW, timer=lambda: next(ticks)
         )
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(collector)
+        registry.register(StaticCollector(asyncio.run(collector.families())))
         return generate_latest(registry).decode()
 
     return scrape_once
@@ -342,19 +344,63 @@ def test_fast_text_rendering_is_what_prometheus_client_writes(
     collector = JobStatsCollector(
         client, 5.0, CronSchedules("UTC"), errors, clock=lambda: NOW, timer=lambda: next(ticks)
     )
-    families = collector.families()
+    families = asyncio.run(collector.families())
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StaticCollector([family.metric() for family in families]))
+    registry.register(StaticCollector(families))
     expected = generate_latest(registry)
     assert render_text(families) == expected.decode()
     assert b"".join(render_chunks(families)) == expected
 
 
-class StaticCollector:
-    """Hands prometheus_client the families of one scrape, so both renderings see the same."""
+def test_a_memo_renders_what_a_fresh_scrape_renders_as_the_answer_changes(
+    upstream: Upstream, client: StatsClient
+) -> None:
+    """The memo reuses each unchanged queue's lines; every step must read the same as a
+    scrape that builds everything afresh."""
+    answer = sample("enabled")
+    queues = answer["stats"]
+    steps: list[tuple[str, float]] = [("first answer", NOW), ("the same answer", NOW)]
+    memo = AnswerMemo()
+    schedules = CronSchedules("UTC")
 
-    def __init__(self, metrics: list[Metric]) -> None:
-        self.metrics = metrics
+    def text(now: float, with_memo: AnswerMemo | None) -> str:
+        ticks = iter([10.0, 10.25])
+        collector = JobStatsCollector(
+            client,
+            5.0,
+            schedules,
+            ScrapeErrors(),
+            clock=lambda: now,
+            timer=lambda: next(ticks),
+            memo=with_memo,
+        )
+        return render_text(asyncio.run(collector.families()))
 
-    def collect(self) -> Iterator[Metric]:
-        return iter(self.metrics)
+    def check(step: str, now: float) -> None:
+        upstream.serve(answer)
+        assert text(now, memo) == text(now, None), step
+
+    for step, now in steps:
+        check(step, now)
+    kept = memo.lines["product"][2]
+
+    queues["inventory"]["failed"] += 1
+    check("one queue's count changed", NOW)
+    assert memo.lines["product"][2] is kept, "an unchanged queue is rendered again"
+    assert 'queue="inventory",state="failed"} 4.0' in text(NOW, memo)
+
+    queues["new"] = dict(queues.pop("product"), waiting=7)
+    check("one queue gone, one new", NOW)
+
+    queues["inventory"]["delayed"] = True  # was 1: equal in Python, no count in JSON
+    check("a count became true", NOW)
+    assert "jobstats_invalid_queues 1.0" in text(NOW, memo)
+
+    queues["inventory"]["delayed"] = 1.0
+    check("a count became 1.0", NOW)
+    assert "jobstats_invalid_queues 1.0" in text(NOW, memo)
+
+    queues["inventory"]["delayed"] = 1
+    check("the count mended", NOW)
+    check("a cron fire passed", NOW + 400)
+    assert "jobstats_invalid_queues 0.0" in text(NOW + 400, memo)

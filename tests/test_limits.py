@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.client import StatsClient
-from exporter.collector import JobStatsCollector, ScrapeErrors
+from exporter.collector import JobStatsCollector, ScrapeErrors, render_text
 from exporter.model import Limits, parse_stats
 from exporter.schedule import CronSchedules
 from exporter.targets import Target
@@ -191,7 +191,7 @@ def client(served: dict[str, bytes]) -> Iterator[StatsClient]:
     )
     stats_client = StatsClient(target, httpx.MockTransport(handler))
     yield stats_client
-    stats_client.close()
+    asyncio.run(stats_client.close())
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -203,9 +203,7 @@ def scrape(client: StatsClient) -> Callable[[Limits], Samples]:
 
     def scrape_once(limits: Limits) -> Samples:
         collector = JobStatsCollector(client, 5.0, schedules, ScrapeErrors(), limits)
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(collector)
-        text = generate_latest(registry).decode()
+        text = render_text(asyncio.run(collector.families()))
         return {
             (s.name, tuple(sorted(s.labels.items()))): s.value
             for family in text_string_to_metric_families(text)

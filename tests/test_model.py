@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from exporter.errors import ParseError
-from exporter.model import Limits, QueueStats, RecurringJobs, Stats, parse_stats
+from exporter.model import Limits, ParseMemo, QueueStats, RecurringJobs, Stats, parse_stats
 
 from samples import SAMPLES, sample, sample_bytes
 
@@ -297,3 +297,23 @@ def test_any_queue_name_is_kept_exactly(name: str) -> None:
         assert parse(document).queues == ()
     else:
         assert [q.name for q in parse(document).queues] == [name]
+
+
+def test_a_memo_never_takes_a_json_true_or_float_for_the_count_it_equals() -> None:
+    memo = ParseMemo()
+    counts = {"waiting": 1, "active": 0, "completed": 1, "failed": 0, "delayed": 0}
+
+    def parse(entry: dict[str, Any]) -> Stats:
+        body = json.dumps({"success": True, "stats": {"q": entry}}).encode()
+        return parse_stats(body, memo=memo)
+
+    assert parse(counts).queues[0].waiting == 1
+    assert parse(dict(counts, waiting=True)).invalid
+    assert parse(counts).queues
+    assert parse(dict(counts, waiting=1.0)).invalid
+    assert parse(counts).queues
+    # A true and a 1 swapped between two keys that also swapped places: equal in Python,
+    # and the types in the same order, yet `waiting` is now true.
+    rest = {k: v for k, v in counts.items() if k != "waiting"}
+    assert parse({"flag": True, "waiting": 1, **rest}).queues
+    assert parse({"waiting": True, "flag": 1, **rest}).invalid

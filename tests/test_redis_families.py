@@ -6,19 +6,18 @@ with what prometheus_client writes for the same families (histograms included).
 
 from __future__ import annotations
 
-import concurrent.futures
+import asyncio
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.client import StatsClient
-from exporter.collector import JobStatsCollector, ScrapeErrors, redis_families
+from exporter.collector import JobStatsCollector, ScrapeErrors, StaticCollector, redis_families
 from exporter.events import EventCounts, RedisView
 from exporter.exposition import render_chunks, render_text
 from exporter.schedule import CronSchedules
@@ -56,19 +55,11 @@ def captured_view(up: bool = True) -> RedisView:
     )
 
 
-class StaticCollector:
-    def __init__(self, metrics: list[Metric]) -> None:
-        self.metrics = metrics
-
-    def collect(self) -> Iterator[Metric]:
-        return iter(self.metrics)
-
-
 @pytest.mark.parametrize("up", [True, False])
 def test_fast_rendering_of_redis_families_is_what_prometheus_client_writes(up: bool) -> None:
     families = redis_families(captured_view(up))
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StaticCollector([family.metric() for family in families]))
+    registry.register(StaticCollector(families))
     expected = generate_latest(registry)
     assert render_text(families) == expected.decode()
     assert b"".join(render_chunks(families)) == expected
@@ -95,19 +86,20 @@ def scrape(handler: Callable[[httpx.Request], httpx.Response]) -> tuple[str, lis
     client = StatsClient(target, httpx.MockTransport(handler))
     deadlines: list[float] = []
 
-    def view(deadline: float) -> concurrent.futures.Future[RedisView]:
+    async def view(deadline: float) -> RedisView:
         deadlines.append(deadline)
-        future: concurrent.futures.Future[RedisView] = concurrent.futures.Future()
-        future.set_result(captured_view())
-        return future
+        return captured_view()
 
-    try:
+    async def scrape_once() -> str:
         collector = JobStatsCollector(
             client, 4.0, CronSchedules("UTC"), ScrapeErrors(), redis_view=view
         )
-        return render_text(collector.families()), deadlines
-    finally:
-        client.close()
+        try:
+            return render_text(await collector.families())
+        finally:
+            await client.close()
+
+    return asyncio.run(scrape_once()), deadlines
 
 
 def test_a_scrape_with_a_redis_source_shows_both_sources() -> None:

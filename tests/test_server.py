@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
+import re
+import socket
 import threading
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any, TypeVar
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import Config
+from exporter.protocol import ConnectionLimits
 from exporter.server import Exporter, MetricsServer, scrape_timeout, wants_openmetrics
+from exporter.webconfig import WebConfig
 
 from samples import sample_bytes
 
 Handler = Callable[[httpx.Request], httpx.Response]
+T = TypeVar("T")
 
 
 @pytest.mark.parametrize(
@@ -67,17 +75,32 @@ def test_openmetrics_only_for_clients_that_do_not_take_the_text_format(
 
 
 class Running:
-    """An exporter served on 127.0.0.1 in this process, its upstream faked by `handler`."""
+    """An exporter served on 127.0.0.1 in this process, its upstream faked by `handler`.
 
-    def __init__(self, handler: Handler | Callable[[httpx.Request], object], config: Config):
-        self.exporter = Exporter(config, transport=httpx.MockTransport(handler))  # type: ignore[arg-type]
-        self.server = MetricsServer(self.exporter, "127.0.0.1:0")
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
+    Its loop runs in a thread of its own, so the test's plain blocking clients can call it.
+    """
+
+    def __init__(
+        self,
+        handler: Handler | Callable[[httpx.Request], object],
+        config: Config,
+        web: WebConfig | None = None,
+        limits: ConnectionLimits = ConnectionLimits(),  # noqa: B008 - frozen
+    ):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
+        self.exporter = Exporter(config, transport=httpx.MockTransport(handler))  # type: ignore[arg-type]
+        self.server = MetricsServer(self.exporter, "127.0.0.1:0", web, limits)
+        self.run(self.server.start())
+        self.host, port = self.server.url.rsplit("//", 1)[1].rsplit(":", 1)
+        self.port = int(port)
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=30)
 
     def connection(self) -> http.client.HTTPConnection:
-        host, port = self.server.server_address[:2]
-        return http.client.HTTPConnection(str(host), port, timeout=10)
+        return http.client.HTTPConnection(self.host, self.port, timeout=10)
 
     def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, str, str]:
         connection = self.connection()
@@ -93,17 +116,24 @@ class Running:
             connection.close()
 
     def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.exporter.close()
+        self.run(self.server.close(grace=1))
+        self.run(self.exporter.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
 
 
 @pytest.fixture
 def running() -> Iterator[Callable[..., Running]]:
     started: list[Running] = []
 
-    def start(handler: Handler, config: Config | None = None) -> Running:
-        started.append(Running(handler, config or Config()))
+    def start(
+        handler: Handler,
+        config: Config | None = None,
+        web: WebConfig | None = None,
+        limits: ConnectionLimits = ConnectionLimits(),  # noqa: B008 - frozen
+    ) -> Running:
+        started.append(Running(handler, config or Config(), web, limits))
         return started[-1]
 
     yield start
@@ -211,3 +241,270 @@ def test_internal_error_answers_500_and_is_logged(
     status, _, _ = running(broken).get("/metrics")
     assert status == 500
     assert "scrape failed on an internal error" in caplog.text
+
+
+# /probe
+
+
+def two_targets() -> Config:
+    from exporter.targets import Target
+
+    return Config(
+        configured_targets=(
+            Target(name="shop", url="http://api.test/shop", timeout=5.0, max_body_size=1 << 20),
+            Target(name="admin", url="http://api.test/admin", timeout=5.0, max_body_size=1 << 20),
+        )
+    )
+
+
+def by_path(request: httpx.Request) -> httpx.Response:
+    """The shop's API answers the sample, the admin's a 503: the two are told apart."""
+    if request.url.path == "/shop":
+        return httpx.Response(200, content=sample_bytes("enabled"))
+    return httpx.Response(503)
+
+
+def test_probe_scrapes_the_named_target_and_metrics_the_first(
+    running: Callable[..., Running],
+) -> None:
+    exporter = running(by_path, two_targets())
+    assert value(exporter.get("/probe?target=shop")[2], "jobstats_up") == 1
+    assert value(exporter.get("/probe?target=admin")[2], "jobstats_up") == 0
+    assert value(exporter.get("/metrics")[2], "jobstats_up") == 1
+
+
+@pytest.mark.parametrize(
+    "query", ["", "?target=", "?target=shop&target=admin", "?module=shop", "?target=nope"]
+)
+def test_probe_needs_one_configured_target_and_never_echoes_it(
+    running: Callable[..., Running], query: str
+) -> None:
+    status, _, body = running(by_path, two_targets()).get(f"/probe{query}")
+    assert status == 400
+    assert "nope" not in body
+
+
+# Connections
+
+
+def raw_connection(exporter: Running) -> socket.socket:
+    return socket.create_connection((exporter.host, exporter.port), timeout=10)
+
+
+def closed_by_server(connection: socket.socket) -> bool:
+    """True when the server ends the connection (EOF or reset) before the socket's timeout."""
+    try:
+        while connection.recv(65536):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
+
+
+def test_a_request_not_sent_in_time_is_dropped(running: Callable[..., Running]) -> None:
+    exporter = running(enabled, limits=ConnectionLimits(request_timeout=0.3))
+    with raw_connection(exporter) as half:
+        half.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        assert closed_by_server(half)
+    with raw_connection(exporter) as silent:
+        assert closed_by_server(silent)
+    assert exporter.get("/-/healthy")[0] == 200
+
+
+def test_a_trickled_request_is_dropped_at_the_deadline_however_busy_it_looks(
+    running: Callable[..., Running],
+) -> None:
+    """After a first answer the connection idles; the first byte of the next request
+    starts the request deadline, which each later byte does not push back."""
+    exporter = running(enabled, limits=ConnectionLimits(request_timeout=0.5, idle_timeout=60))
+    with raw_connection(exporter) as trickle:
+        trickle.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert trickle.recv(65536).startswith(b"HTTP/1.1 200 OK")
+        trickle.settimeout(0.2)
+        sent = 0
+        for byte in b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"y" * 100:
+            try:
+                trickle.sendall(bytes([byte]))
+            except OSError:
+                break
+            sent += 1
+            try:
+                if trickle.recv(1) == b"":
+                    break
+            except TimeoutError:
+                continue
+        # 0.2 s per byte: the 0.5 s deadline falls within the first few.
+        assert sent < 20
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_the_idle_timeout(
+    running: Callable[..., Running],
+) -> None:
+    exporter = running(enabled, limits=ConnectionLimits(idle_timeout=0.3))
+    connection = exporter.connection()
+    connection.request("GET", "/-/healthy")
+    response = connection.getresponse()
+    assert response.read() == b"Healthy\n"
+    assert response.getheader("Connection") is None  # kept alive
+    assert connection.sock is not None
+    assert closed_by_server(connection.sock)
+    connection.close()
+
+
+def test_past_the_cap_new_connections_are_closed_and_open_ones_keep_working(
+    running: Callable[..., Running],
+) -> None:
+    exporter = running(enabled, limits=ConnectionLimits(max_connections=2))
+    first, second = exporter.connection(), exporter.connection()
+    try:
+        for connection in (first, second):
+            connection.request("GET", "/-/healthy")
+            assert connection.getresponse().read() == b"Healthy\n"
+        with raw_connection(exporter) as third:
+            with contextlib.suppress(OSError):
+                third.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
+            try:
+                answer = third.recv(100)
+            except ConnectionResetError:
+                answer = b""
+            assert answer == b""
+        for connection in (first, second):
+            connection.request("GET", "/metrics")
+            assert b"jobstats_up 1.0" in connection.getresponse().read()
+    finally:
+        first.close()
+        second.close()
+    # Once they are gone, there is room again.
+    wait_for(lambda: exporter.server.connections == 0)
+    assert exporter.get("/-/healthy")[0] == 200
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "gave up waiting"
+        time.sleep(0.01)
+
+
+def test_pipelined_requests_are_answered_in_order(running: Callable[..., Running]) -> None:
+    exporter = running(enabled)
+    with raw_connection(exporter) as connection:
+        connection.sendall(
+            b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /-/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    assert re.findall(rb"HTTP/1.1 (\d+)", received) == [b"200", b"200", b"404"]
+    assert received.index(b"Healthy") < received.index(b"Ready")
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status"),
+    [
+        (b"NOT HTTP AT ALL\r\n\r\n", b"400"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", b"431"),
+        (
+            b"POST /-/healthy HTTP/1.1\r\nHost: x\r\nContent-Length: 70000\r\n\r\n" + b"a" * 70_000,
+            b"413",
+        ),
+    ],
+)
+def test_a_bad_or_oversized_request_is_refused_and_the_connection_closed(
+    running: Callable[..., Running], request_bytes: bytes, status: bytes
+) -> None:
+    with raw_connection(running(enabled)) as connection:
+        with contextlib.suppress(OSError):
+            connection.sendall(request_bytes)
+        answer = connection.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 " + status)
+        assert closed_by_server(connection)
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/metrics"), ("DELETE", "/"), ("HEAD", "/")])
+def test_other_methods_are_not_allowed(
+    running: Callable[..., Running], method: str, path: str
+) -> None:
+    connection = running(enabled).connection()
+    try:
+        connection.request(method, path)
+        response = connection.getresponse()
+        response.read()
+        assert response.status == 405
+        assert response.getheader("Allow") == "GET"
+    finally:
+        connection.close()
+
+
+def test_http_1_0_gets_its_answer_and_the_connection_closes(
+    running: Callable[..., Running],
+) -> None:
+    with raw_connection(running(enabled)) as connection:
+        connection.sendall(b"GET /-/healthy HTTP/1.0\r\n\r\n")
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 200 OK")
+    assert received.endswith(b"Healthy\n")
+
+
+# Basic auth, in the process
+
+
+def test_basic_auth_guards_every_path_but_health_and_takes_any_case_of_basic(
+    running: Callable[..., Running],
+) -> None:
+    import base64
+
+    import bcrypt
+
+    web = WebConfig(users={"prom": bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4))})
+    exporter = running(enabled, web=web)
+    good = base64.b64encode(b"prom:s3cret").decode()
+    assert exporter.get("/metrics")[0] == 401
+    assert exporter.get("/metrics", {"Authorization": f"Basic {good}"})[0] == 200
+    assert exporter.get("/probe?target=default", {"Authorization": f"basic {good}"})[0] == 200
+    wrong = base64.b64encode(b"prom:nope").decode()
+    assert exporter.get("/", {"Authorization": f"basic {wrong}"})[0] == 401
+    assert exporter.get("/-/healthy")[0] == 200
+
+
+# Reload, in the process
+
+
+def test_a_reload_keeps_the_tailer_and_client_of_an_unchanged_target_and_closes_the_rest() -> None:
+    from exporter.model import Limits
+    from exporter.targets import RedisSource, Target
+
+    def target(name: str, url: str) -> Target:
+        return Target(
+            name=name,
+            url=url,
+            timeout=5.0,
+            max_body_size=1 << 20,
+            redis=RedisSource(url="redis://127.0.0.1:9/0"),
+        )
+
+    shop, admin = target("shop", "http://api.test/shop"), target("admin", "http://api.test/admin")
+
+    async def reloads() -> None:
+        exporter = Exporter(Config(configured_targets=(shop, admin)), tail=True)
+        before = {name: exporter._state(name) for name in ("shop", "admin")}
+        assert before["shop"].tailer is not None  # its event counters live in it
+        moved = target("admin", "http://api.test/admin-v2")
+        rebuilt = await exporter.reload(Config(configured_targets=(shop, moved)))
+        assert rebuilt == ["admin"]
+        assert exporter._state("shop") is before["shop"]
+        assert exporter._state("admin") is not before["admin"]
+        # Other limits change how a tailer reads: every tailer is then built anew.
+        rebuilt = await exporter.reload(
+            Config(configured_targets=(shop, moved), limits=Limits(max_queues=5))
+        )
+        assert rebuilt == ["shop", "admin"]
+        await exporter.close()
+
+    asyncio.run(reloads())

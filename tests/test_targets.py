@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 from collections.abc import Iterator, Mapping
@@ -423,9 +424,9 @@ def test_a_rotated_token_file_with_a_line_break_fails_the_scrape_without_showing
     client = StatsClient(config.targets[0])
     try:
         with pytest.raises(FetchError) as caught:
-            client.fetch(2)
+            asyncio.run(client.fetch(2))
     finally:
-        client.close()
+        asyncio.run(client.close())
     assert caught.value.reason == "connect"
     assert "line break" in str(caught.value)
     assert SECRET not in str(caught.value)

@@ -1,0 +1,42 @@
+"""process_*: the same families as prometheus_client's ProcessCollector, read cheaply."""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from exporter.exposition import render_text
+from exporter.process import ProcessMetrics
+
+
+def samples(text: str) -> dict[str, tuple[str, str, float]]:
+    return {
+        family.name: (family.type, family.documentation, family.samples[0].value)
+        for family in text_string_to_metric_families(text)
+    }
+
+
+def test_the_families_are_prometheus_clients_with_the_same_values() -> None:
+    registry = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=registry)
+    theirs = samples(generate_latest(registry).decode())
+    ours = samples(render_text(ProcessMetrics().families()))
+
+    assert list(ours) == list(theirs)
+    for name, (kind, help_text, _) in ours.items():
+        assert (kind, help_text) == theirs[name][:2], name
+    assert ours["process_start_time_seconds"][2] == theirs["process_start_time_seconds"][2]
+    assert ours["process_max_fds"][2] == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    # Read a moment apart: memory and CPU may have moved a little, not by half.
+    for name in ("process_resident_memory_bytes", "process_virtual_memory_bytes"):
+        assert theirs[name][2] / 2 < ours[name][2] < theirs[name][2] * 2, name
+    cpu = theirs["process_cpu_seconds"][2]
+    assert cpu <= ours["process_cpu_seconds"][2] < cpu + 1
+    assert ours["process_open_fds"][2] >= 3
+
+
+def test_without_proc_there_are_no_process_metrics(tmp_path: Path) -> None:
+    assert ProcessMetrics(str(tmp_path)).families() == []
