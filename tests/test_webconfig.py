@@ -268,6 +268,43 @@ def test_malformed_headers_are_not_authorized(web: WebConfig, header: str | None
     assert not web.authorized(header)
 
 
+RIGHT = base64.b64encode(f"prometheus:{PASSWORD}".encode()).decode()
+WRONG = base64.b64encode(b"prometheus:wrong").decode()
+
+
+@pytest.mark.parametrize("scheme", ["basic", "BASIC", "bAsIc"])
+def test_the_basic_scheme_is_read_in_any_case(web: WebConfig, scheme: str) -> None:
+    # RFC 7617: the scheme name is case-insensitive, and some clients send it in lowercase.
+    assert web.authorized(f"{scheme} {RIGHT}")
+
+
+@pytest.mark.parametrize("scheme", ["basic", "BASIC"])
+def test_a_wrong_password_is_refused_whatever_the_case_of_the_scheme(
+    web: WebConfig, scheme: str
+) -> None:
+    assert not web.authorized(f"{scheme} {WRONG}")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "basic",
+        "basic ",
+        f"basic{RIGHT}",  # no space after the scheme
+        f"basic:{RIGHT}",
+        "basic !!!not-base64!!!",
+        f"basic {RIGHT[:-1]}",  # cut short: no longer valid base64
+        f"basic {RIGHT}!",  # a stray character a lenient decoder would drop
+        f"Bearer {RIGHT}",  # the right credentials under another scheme
+        f"Basicx {RIGHT}",
+        f"Digest {RIGHT}",
+        RIGHT,  # no scheme at all
+    ],
+)
+def test_right_credentials_in_a_malformed_header_are_refused(web: WebConfig, header: str) -> None:
+    assert not web.authorized(header)
+
+
 @pytest.mark.parametrize("user", ["prometheus", "stranger"])
 def test_a_password_over_72_bytes_is_not_authorized(web: WebConfig, user: str) -> None:
     assert not web.authorized(basic(f"{user}:{'x' * 73}".encode()))
