@@ -64,6 +64,25 @@ def test_at_most_max_queues_nothing_is_dropped() -> None:
     assert stats.dropped_queues == 0
 
 
+def test_exactly_max_queues_are_kept_and_one_more_is_dropped() -> None:
+    at_cap = parse_stats(body(many_queues(3)), Limits(max_queues=3))
+    over_cap = parse_stats(body(many_queues(4)), Limits(max_queues=3))
+    assert [q.name for q in at_cap.queues] == ["q00000", "q00001", "q00002"]
+    assert at_cap.dropped_queues == 0
+    assert [q.name for q in over_cap.queues] == ["q00000", "q00001", "q00002"]
+    assert over_cap.dropped_queues == 1
+
+
+def test_exactly_max_extra_states_are_kept_and_one_more_is_dropped() -> None:
+    four = {f"state{index}": index for index in range(4)}
+    at_cap = parse_stats(body({"q": queue(**four)}), Limits(max_extra_states=4))
+    over_cap = parse_stats(body({"q": queue(**four, state4=4)}), Limits(max_extra_states=4))
+    assert at_cap.queues[0].extra_states == tuple(four.items())
+    assert at_cap.dropped_states == 0
+    assert over_cap.queues[0].extra_states == tuple(four.items())
+    assert over_cap.dropped_states == 1
+
+
 def test_a_long_queue_name_is_dropped_whole_never_cut() -> None:
     long_name, at_cap = "x" * 10_000, "y" * 200
     stats = parse_stats(

@@ -139,6 +139,47 @@ def test_malformed_queue_is_skipped_and_named_by_its_path(
     assert str(error).startswith(f"{path}: ")
 
 
+#: The largest count a float64 gauge still holds exactly.
+LARGEST_EXACT_COUNT = 2**53
+
+
+def test_a_count_of_2_to_the_53_is_the_largest_accepted() -> None:
+    document = sample("enabled")
+    entry = document["stats"]["inventory"]
+    entry.update(waiting=LARGEST_EXACT_COUNT, paused=LARGEST_EXACT_COUNT)
+    entry["recurringJobs"]["count"] = LARGEST_EXACT_COUNT
+    stats = parse(document)
+    assert stats.invalid == ()
+    inventory = queue(stats, "inventory")
+    assert inventory.waiting == LARGEST_EXACT_COUNT
+    assert inventory.extra_states == (("paused", LARGEST_EXACT_COUNT),)
+    assert inventory.recurring is not None
+    assert inventory.recurring.count == LARGEST_EXACT_COUNT
+
+
+@pytest.mark.parametrize("field", ["waiting", "completed"])
+def test_a_count_one_past_2_to_the_53_skips_the_queue(field: str) -> None:
+    document = sample("enabled")
+    document["stats"]["inventory"][field] = LARGEST_EXACT_COUNT + 1
+    stats = parse(document)
+    assert [q.name for q in stats.queues] == ["product"]
+    assert stats.invalid[0].path == f"stats.inventory.{field}"
+
+
+def test_a_recurring_count_one_past_2_to_the_53_skips_the_queue() -> None:
+    document = sample("enabled")
+    document["stats"]["inventory"]["recurringJobs"]["count"] = LARGEST_EXACT_COUNT + 1
+    stats = parse(document)
+    assert [q.name for q in stats.queues] == ["product"]
+    assert stats.invalid[0].path == "stats.inventory.recurringJobs.count"
+
+
+def test_an_extra_field_one_past_2_to_the_53_is_no_state() -> None:
+    document = sample("enabled")
+    document["stats"]["inventory"]["paused"] = LARGEST_EXACT_COUNT + 1
+    assert queue(parse(document), "inventory").extra_states == ()
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from croniter import croniter
 
+from exporter import schedule as schedule_module
 from exporter.schedule import CronSchedules, describe_cron, parse_cron
 
 # 2026-01-01 00:00:01 UTC
@@ -76,10 +79,45 @@ def test_cached_schedule_is_reused_until_its_fire_time_passes() -> None:
     assert later.next_fire_time == at(0, 12)
 
 
-def test_invalid_pattern_is_cached_as_invalid() -> None:
+class CountingCroniter:
+    """croniter as schedule.py calls it, counting the patterns it is asked to parse."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> croniter:
+        self.calls += 1
+        return croniter(*args, **kwargs)
+
+
+@pytest.fixture
+def parses(monkeypatch: pytest.MonkeyPatch) -> CountingCroniter:
+    counting = CountingCroniter()
+    monkeypatch.setattr(schedule_module, "croniter", counting)
+    return counting
+
+
+# "61 * * * *" fails in croniter's constructor, "0 0 30 2 *" only when asked for a fire time.
+@pytest.mark.parametrize("pattern", ["61 * * * *", "0 0 30 2 *"])
+def test_an_invalid_pattern_is_parsed_once_not_on_every_scrape(
+    parses: CountingCroniter, pattern: str
+) -> None:
     schedules = CronSchedules("UTC")
-    assert schedules.at("bad", NOW) is None
-    assert schedules.at("bad", NOW + 1) is None
+    assert schedules.at(pattern, NOW) is None
+    assert parses.calls == 1
+    assert schedules.at(pattern, NOW + 1) is None
+    assert schedules.at(pattern, NOW + 86_400) is None
+    assert parses.calls == 1
+
+
+def test_the_counting_croniter_sees_the_parses_of_a_valid_pattern(
+    parses: CountingCroniter,
+) -> None:
+    # Guards the test above: were the wrapper not in the path, it would count 0 and prove nothing.
+    schedules = CronSchedules("UTC")
+    schedules.at("*/6 * * * *", NOW)
+    schedules.at("*/6 * * * *", at(0, 6))
+    assert parses.calls == 2
 
 
 def test_cache_forgets_the_least_recently_used_pattern_beyond_its_bound() -> None:

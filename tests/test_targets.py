@@ -197,6 +197,18 @@ def test_bad_target_is_one_line_naming_its_path(tmp_path: Path, text: str, messa
     assert message in refused(tmp_path, text)
 
 
+@pytest.mark.parametrize(
+    "name",
+    ["User-Agent", "user-agent", "USER-AGENT", "uSeR-aGeNt", "Content-Length", "connection"],
+)
+def test_a_header_the_exporter_sets_itself_is_refused_in_any_case(
+    tmp_path: Path, name: str
+) -> None:
+    # The exporter sends its own User-Agent; one set here would silently fight it.
+    message = refused(tmp_path, one_target(f"    headers:\n      {name}: v\n"))
+    assert message.startswith(f"targets[0].headers.{name}: set by the exporter")
+
+
 def test_both_bearer_token_file_and_env_are_refused(tmp_path: Path) -> None:
     (tmp_path / "token").write_text("t")
     message = refused(

@@ -268,6 +268,43 @@ def test_malformed_headers_are_not_authorized(web: WebConfig, header: str | None
     assert not web.authorized(header)
 
 
+RIGHT = base64.b64encode(f"prometheus:{PASSWORD}".encode()).decode()
+WRONG = base64.b64encode(b"prometheus:wrong").decode()
+
+
+@pytest.mark.parametrize("scheme", ["basic", "BASIC", "bAsIc"])
+def test_the_basic_scheme_is_read_in_any_case(web: WebConfig, scheme: str) -> None:
+    # RFC 7617: the scheme name is case-insensitive, and some clients send it in lowercase.
+    assert web.authorized(f"{scheme} {RIGHT}")
+
+
+@pytest.mark.parametrize("scheme", ["basic", "BASIC"])
+def test_a_wrong_password_is_refused_whatever_the_case_of_the_scheme(
+    web: WebConfig, scheme: str
+) -> None:
+    assert not web.authorized(f"{scheme} {WRONG}")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "basic",
+        "basic ",
+        f"basic{RIGHT}",  # no space after the scheme
+        f"basic:{RIGHT}",
+        "basic !!!not-base64!!!",
+        f"basic {RIGHT[:-1]}",  # cut short: no longer valid base64
+        f"basic {RIGHT}!",  # a stray character a lenient decoder would drop
+        f"Bearer {RIGHT}",  # the right credentials under another scheme
+        f"Basicx {RIGHT}",
+        f"Digest {RIGHT}",
+        RIGHT,  # no scheme at all
+    ],
+)
+def test_right_credentials_in_a_malformed_header_are_refused(web: WebConfig, header: str) -> None:
+    assert not web.authorized(header)
+
+
 @pytest.mark.parametrize("user", ["prometheus", "stranger"])
 def test_a_password_over_72_bytes_is_not_authorized(web: WebConfig, user: str) -> None:
     assert not web.authorized(basic(f"{user}:{'x' * 73}".encode()))
@@ -312,6 +349,48 @@ def test_the_memory_is_per_password_not_per_user(web: WebConfig, checkpw: Counti
     assert checkpw.calls == 2
     assert web.authorized(basic(f"prometheus:{PASSWORD}".encode()))
     assert checkpw.calls == 2
+
+
+def test_the_memory_is_per_user_so_one_users_password_never_opens_another() -> None:
+    config = WebConfig(
+        users={
+            "alice": bcrypt.hashpw(b"alice-pw", bcrypt.gensalt(rounds=4)),
+            "bob": bcrypt.hashpw(b"bob-pw", bcrypt.gensalt(rounds=4)),
+        }
+    )
+    assert config.authorized(basic(b"alice:alice-pw"))
+    assert not config.authorized(basic(b"bob:alice-pw"))
+    assert config.authorized(basic(b"bob:bob-pw"))
+    assert not config.authorized(basic(b"alice:bob-pw"))
+
+
+#: What webconfig remembers at most before it starts over.
+REMEMBERED = 256
+
+
+def test_the_memory_starts_over_past_256_credentials(
+    web: WebConfig, checkpw: CountingCheckpw
+) -> None:
+    # A client cycling through passwords must not grow the memory without end.
+    right = basic(f"prometheus:{PASSWORD}".encode())
+    assert web.authorized(right)
+    for attempt in range(REMEMBERED - 1):
+        assert not web.authorized(basic(f"prometheus:wrong-{attempt}".encode()))
+    assert checkpw.calls == REMEMBERED
+    assert web.authorized(right)  # the 256th remembered pair: still no check
+    assert checkpw.calls == REMEMBERED
+    assert not web.authorized(basic(b"prometheus:one-too-many"))
+    assert len(web._verified) == 1
+    assert web.authorized(right)  # forgotten with the rest: checked again
+    assert checkpw.calls == REMEMBERED + 2
+
+
+def test_another_web_config_does_not_trust_what_this_one_verified() -> None:
+    old = WebConfig(users={"prometheus": HASH})
+    assert old.authorized(basic(f"prometheus:{PASSWORD}".encode()))
+    rotated = WebConfig(users={"prometheus": bcrypt.hashpw(b"new", bcrypt.gensalt(rounds=4))})
+    assert not rotated.authorized(basic(f"prometheus:{PASSWORD}".encode()))
+    assert rotated.authorized(basic(b"prometheus:new"))
 
 
 def test_an_unknown_user_costs_a_bcrypt_check_like_a_known_one(
