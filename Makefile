@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test lint unit system-deps node-deps generate dashboards bench soak clean
+.PHONY: demo test lint unit system-deps node-deps generate dashboards bench bench-deps soak clean
 
 demo: $(VENV)/.runtime
 	$(BIN)/jobstats-exporter demo
@@ -19,8 +19,14 @@ unit: $(VENV)/.test
 	$(BIN)/pytest
 
 # Figures, not tests: writes benchmarks/RESULTS.md with the machine's description.
-bench: $(VENV)/.runtime
+bench: $(VENV)/.runtime bench-deps
 	$(BIN)/python benchmarks/bench.py --results benchmarks/RESULTS.md
+
+# The bench's peer row runs Debian's blackbox_exporter on the same upstream; the tests
+# do not need it (their quick bench reports the row as skipped without it).
+bench-deps:
+	@command -v prometheus-blackbox-exporter >/dev/null || \
+	  scripts/install-system-deps prometheus-blackbox-exporter
 
 # Thousands of scrapes while the upstream cycles through every fault; exit 1 on any violation.
 soak: $(VENV)/.runtime

@@ -218,7 +218,8 @@ def _python_running_exporter(without_modules: Sequence[str]) -> list[str]:
 class ExporterProcess:
     """`python -m exporter --config.file <file> --web.listen-address 127.0.0.1:<port>`.
 
-    Its output goes to a temporary file, shown when it dies; `stop()` ends it by PID.
+    The exporter is this checkout's (REPOSITORY leads PYTHONPATH). Its output goes to a
+    temporary file, shown when it dies; `stop()` ends it by PID.
     """
 
     def __init__(self, config_yaml: str, without_modules: Sequence[str] = ()) -> None:
@@ -232,6 +233,10 @@ class ExporterProcess:
         self.port = free_port()
         self._log = folder / "exporter.log"
         environment = {k: v for k, v in os.environ.items() if not k.startswith("JOBSTATS_")}
+        # This checkout's exporter/, never the one an editable install elsewhere points at.
+        environment["PYTHONPATH"] = os.pathsep.join(
+            [str(REPOSITORY), *filter(None, [os.environ.get("PYTHONPATH")])]
+        )
         with self._log.open("wb") as log:
             self.process = subprocess.Popen(
                 [

@@ -44,6 +44,27 @@ def test_quick_benchmark_reports_every_size_and_target(tmp_path: Path) -> None:
         assert f"\n| {scrapers} | 64 | " in run.stdout
     assert "| target | measured | result |" in run.stdout
     assert "- CPU: " in run.stdout
+    # Issue 12's targets: each reported with a verdict, whatever it is today.
+    for target in (
+        "| 1,000 queues: scrape < 20.00 ms p50 | ",
+        "| 1,000 queues: scrape p50 < 25 x the direct GET's | ",
+        "| peak RSS < 35.0 MiB up to 1,000 queues, no Redis configured | ",
+        "| flood: all 200 half-request connections accepted within 5 s | ",
+        "| flood: meanwhile a scrape on a new connection < 100.00 ms p99 (",
+        "| flood: exporter peak RSS < 100 MiB | ",
+        "| flood: 1 s after the flood the server has closed them all | ",
+    ):
+        assert target in run.stdout
+    assert "## Connection flood" in run.stdout
+    assert "| connections the exporter held | " in run.stdout
+    assert "## Peer: blackbox_exporter on the same upstream" in run.stdout
+    if shutil.which("prometheus-blackbox-exporter"):
+        assert "| 2 queues: exporter overhead p50 <= 1.25 x blackbox_exporter's " in run.stdout
+        assert "\n| blackbox_exporter | 20 | " in run.stdout
+        assert "\n| jobstats-exporter | 20 | " in run.stdout
+    else:
+        assert "skipped: no prometheus-blackbox-exporter on PATH" in run.stdout
+        assert " | skipped |" in run.stdout
     assert "## Redis source: tailing the event streams" in run.stdout
     if shutil.which("redis-server"):
         # 2,000 events/s for a second: every job counted, nothing missed, parser by parser.
