@@ -1,17 +1,16 @@
 """Malformed queues in one answer: a few logged one by one, the rest in one line per scrape.
 
 An upstream that sends thousands of malformed queues must not write thousands of log
-lines on every scrape. Works whether `JobStatsCollector.families()` is sync or async.
+lines on every scrape.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import json
 import logging
-from collections.abc import Awaitable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -20,8 +19,6 @@ from exporter.client import StatsClient
 from exporter.collector import MAX_LOGGED_INVALID, JobStatsCollector, ScrapeErrors
 from exporter.schedule import CronSchedules
 from exporter.targets import Target
-
-T = TypeVar("T")
 
 #: Malformed queues past the ones logged one by one.
 BEYOND = 15
@@ -49,18 +46,11 @@ def collector(served: dict[str, bytes]) -> Iterator[JobStatsCollector]:
     )
     client = StatsClient(target, httpx.MockTransport(handler))
     yield JobStatsCollector(client, 5.0, CronSchedules("UTC"), ScrapeErrors())
-    client.close()
-
-
-async def _awaited(pending: Awaitable[T]) -> T:
-    return await pending
+    asyncio.run(client.close())
 
 
 def scrape(collector: JobStatsCollector) -> None:
-    """One scrape through `families()`, awaited when it is a coroutine."""
-    result: Any = collector.families()
-    if inspect.isawaitable(result):
-        asyncio.run(_awaited(result))
+    asyncio.run(collector.families())
 
 
 def logged(
