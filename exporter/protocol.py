@@ -47,6 +47,9 @@ MAX_HEADER_BYTES = 64 * 1024
 MAX_BODY_BYTES = 64 * 1024
 #: Requests taken ahead of their answers on one connection before reading pauses.
 MAX_PIPELINED = 8
+#: Seconds a client may leave an answer unread (the send buffer full, no progress)
+#: before the connection is dropped: an answer waiting for it is held in memory.
+WRITE_STALL_TIMEOUT = 60.0
 #: Seconds between two log lines about refused connections.
 _REFUSED_LOG_INTERVAL = 60.0
 
@@ -58,6 +61,7 @@ class ConnectionLimits:
     request_timeout: float = REQUEST_TIMEOUT
     idle_timeout: float = IDLE_TIMEOUT
     max_connections: int = MAX_CONNECTIONS
+    write_stall_timeout: float = WRITE_STALL_TIMEOUT
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +139,8 @@ class Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
         self._timer: asyncio.TimerHandle | None = None
+        #: Drops the connection when a paused write makes no progress in time.
+        self._stalled: asyncio.TimerHandle | None = None
         self._requests: deque[Request] = deque()
         self._task: asyncio.Task[None] | None = None
         self._writable = asyncio.Event()
@@ -171,6 +177,8 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._connections.open.discard(self)
         self._disarm()
+        if self._stalled is not None:
+            self._stalled.cancel()
         self._closing = True
         self._writable.set()
         if self._task is not None:
@@ -199,9 +207,15 @@ class Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._writable.clear()
+        self._stalled = self._loop.call_later(
+            self._connections.limits.write_stall_timeout, self.abort
+        )
 
     def resume_writing(self) -> None:
         self._writable.set()
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
 
     # --- httptools callbacks -----------------------------------------------------------
 

@@ -508,3 +508,24 @@ def test_a_reload_keeps_the_tailer_and_client_of_an_unchanged_target_and_closes_
         await exporter.close()
 
     asyncio.run(reloads())
+
+
+def test_a_client_that_leaves_its_answers_unread_is_dropped(
+    running: Callable[..., Running],
+) -> None:
+    exporter = running(enabled, limits=ConnectionLimits(write_stall_timeout=0.3))
+    connection = socket.socket()
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    connection.settimeout(10)
+    connection.connect((exporter.host, exporter.port))
+    with connection:
+        asked = 200
+        connection.sendall(b"GET /runbooks HTTP/1.1\r\nHost: x\r\n\r\n" * asked)
+        wait_for(lambda: exporter.server.connections == 1)
+        # Nothing is read meanwhile: the answers pile up until the server gives up.
+        wait_for(lambda: exporter.server.connections == 0)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := connection.recv(65536):
+                received += chunk
+    assert 0 < received.count(b"HTTP/1.1 200 OK") < asked
