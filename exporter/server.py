@@ -41,6 +41,7 @@ from .collector import (
 )
 from .config import Config, parse_listen_address
 from .errors import ConfigError
+from .logs import configure_logging
 from .process import ProcessMetrics
 from .protocol import ConnectionLimits, Connections, Request, Response
 from .runbooks import read_runbooks, render_page
@@ -393,6 +394,9 @@ class MetricsServer:
         if not web.same_tls(self.web):
             log.warning("reload: a new tls_server_config takes a restart; the users are reloaded")
             web = self.web.with_users(web.users)
+        old = self.exporter.config
+        if (config.log_level, config.log_format) != (old.log_level, old.log_format):
+            configure_logging(config.log_level, config.log_format)
         rebuilt = await self.exporter.reload(config)
         self.web = web
         log.info(

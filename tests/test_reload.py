@@ -165,3 +165,20 @@ def test_the_open_files_soft_limit_is_raised_to_the_hard_one(tmp_path: Path) -> 
         assert line.split()[3:5] == [str(hard), str(hard)]
     finally:
         exporter.stop()
+
+
+def test_a_new_log_level_applies_at_once(
+    tmp_path: Path, apis: tuple[FakeStatsApi, FakeStatsApi]
+) -> None:
+    shop, _ = apis  # answers 503: every scrape logs a warning
+    config = tmp_path / "config.yml"
+    write(config, {"shop": shop.url})
+    with running_exporter(["--config.file", str(config)], tmp_path) as exporter:
+        mark = exporter.stderr_mark()
+        exporter.get("/metrics")
+        assert "scrape failed" in exporter.stderr_since(mark)
+        write(config, {"shop": shop.url}, {"log": {"level": "error"}})
+        assert post(exporter, "/-/reload") == 200
+        mark = exporter.stderr_mark()
+        exporter.get("/metrics")
+        assert exporter.stderr_since(mark) == ""
