@@ -12,6 +12,7 @@ logged here, and no credential is ever part of a message.
 from __future__ import annotations
 
 import asyncio
+import base64
 import copy
 import ssl
 import time
@@ -23,10 +24,17 @@ import httpx
 from . import __version__
 from .errors import FetchError, ParseError
 from .targets import Target
+from .transport import StreamsTransport
 
 __all__ = ["DEFAULT_MAX_BODY_BYTES", "Fetched", "StatsClient", "redact_url"]
 
 DEFAULT_MAX_BODY_BYTES = 5 * 1024 * 1024
+#: Sent with every request; a target's own headers may not replace these (targets.py).
+_HEADERS = {
+    "Accept": "application/json",
+    "Accept-Encoding": "gzip, deflate",
+    "User-Agent": f"jobstats-exporter/{__version__}",
+}
 
 
 def redact_url(url: str) -> str:
@@ -76,23 +84,31 @@ class StatsClient:
         #: The loop time at which the request in flight gives up.
         self._inflight_until = 0.0
         self._last: _Outcome | None = None
-        self._client = self._make_client(transport)
+        self._transport = self._make_transport(transport)
+        self._request_url = httpx.URL(target.url)
 
     @property
     def url(self) -> str:
         return self._url
 
-    def _make_client(self, transport: httpx.AsyncBaseTransport | None) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            transport=transport,
-            verify=self._verify(),
-            headers={
-                "Accept": "application/json",
-                "User-Agent": f"jobstats-exporter/{__version__}",
-            },
-            follow_redirects=False,
-            limits=httpx.Limits(max_connections=32, max_keepalive_connections=8),
+    def _make_transport(
+        self, transport: httpx.AsyncBaseTransport | None
+    ) -> httpx.AsyncBaseTransport:
+        # A transport itself, not an AsyncClient over it: a client's request building,
+        # cookies, auth flow and redirect handling cost more than the rest of a small
+        # scrape, and none of them is wanted (redirects are failures, auth is a header).
+        # Proxies from the environment are not read: the API is reached directly.
+        if transport is not None:
+            return transport
+        verify = self._verify()
+        context = (
+            verify
+            if isinstance(verify, ssl.SSLContext)
+            else httpx.create_ssl_context()
+            if verify
+            else None
         )
+        return StreamsTransport(context, max_connections=32, max_keepalive=8)
 
     def _verify(self) -> ssl.SSLContext | bool:
         # A plain-HTTP target never makes a TLS connection (redirects are not followed), so
@@ -149,7 +165,7 @@ class StatsClient:
         """Release the keep-alive pool; a request still in flight is cancelled."""
         if self._inflight is not None:
             self._inflight.cancel()
-        await self._client.aclose()
+        await self._transport.aclose()
 
     def _timeout(self, timeout: float) -> FetchError:
         return FetchError("timeout", f"GET {self._where}: no complete answer within {timeout:g}s")
@@ -157,21 +173,25 @@ class StatsClient:
     async def _fetch(self, timeout: float, deadline: float) -> bytes:
         where = self._where
         try:
-            headers = self.target.request_headers()
+            headers = {**_HEADERS, **self.target.request_headers()}
             auth = self.target.basic_auth()
+            if auth is not None:
+                pair = ":".join(auth).encode()
+                headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+            request = httpx.Request(
+                "GET",
+                self._request_url,
+                headers=headers,
+                extensions={"timeout": httpx.Timeout(timeout).as_dict()},
+            )
         except (OSError, ValueError) as error:
             problem = str(error) if isinstance(error, ValueError) else "cannot read a credential"
             raise FetchError("connect", f"GET {where}: {problem}") from None
         try:
             # The request's own deadline: it ends even when no scrape waits for it any more.
             async with asyncio.timeout_at(deadline):
-                async with self._client.stream(
-                    "GET",
-                    self._url,
-                    headers=headers,
-                    auth=auth,
-                    timeout=httpx.Timeout(timeout),
-                ) as response:
+                response = await self._transport.handle_async_request(request)
+                try:
                     if not 200 <= response.status_code < 300:
                         raise FetchError(
                             "http_status", f"GET {where}: HTTP status {response.status_code}"
@@ -187,6 +207,8 @@ class StatsClient:
                             "",
                             f"GET {where}: answer cut short ({type(error).__name__})",
                         ) from None
+                finally:
+                    await response.aclose()
         except (TimeoutError, httpx.TimeoutException):
             raise self._timeout(timeout) from None
         except httpx.DecodingError:
