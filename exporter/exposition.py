@@ -7,6 +7,7 @@ its per-sample cost. Nothing here reads the upstream, Redis or the clock.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -149,7 +150,8 @@ def _escaper() -> Callable[[str], str]:
     return escape
 
 
-def _template(name: str, keys: Sequence[str]) -> str:
+@functools.lru_cache(maxsize=1024)
+def _template(name: str, keys: tuple[str, ...]) -> str:
     """`name{a="{0}",b="{1}"} {2}\\n`, labels sorted by name as prometheus_client writes them:
     each sample then costs one format call."""
     count = len(keys)
@@ -159,6 +161,7 @@ def _template(name: str, keys: Sequence[str]) -> str:
     return f"{name}{{{{{pairs}}}}} {{{count}}}\n"
 
 
+@functools.lru_cache(maxsize=1024)
 def _header(name: str, help_text: str, kind: str) -> str:
     help_text = help_text.replace("\\", r"\\").replace("\n", r"\n")
     return f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n"
