@@ -66,6 +66,8 @@ SCRAPE_TIMEOUT_MARGIN = 0.5
 HANDSHAKE_TIMEOUT = 10.0
 #: Connections the kernel may hold for us before they are accepted (it caps this at somaxconn).
 LISTEN_BACKLOG = 4096
+#: Connections accepted per turn of the event loop at most.
+ACCEPT_BATCH = 64
 _TEXT = "text/plain; charset=utf-8"
 _HTML = "text/html; charset=utf-8"
 #: The Prometheus text exposition format, as every Prometheus version reads it.
@@ -351,11 +353,18 @@ class MetricsServer:
             host or None,
             port,
             family=socket.AF_INET6 if ":" in host else socket.AF_UNSPEC,
-            backlog=LISTEN_BACKLOG,
+            # asyncio accepts up to `backlog` connections per turn of the loop, and sets
+            # up each before anything else runs: a flood would stall the scrapes.
+            backlog=ACCEPT_BATCH,
             ssl=self.web.ssl_context() if self.web.tls else None,
             ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.web.tls else None,
             reuse_address=True,
         )
+        for listening in self._server.sockets:
+            # The kernel's queue of connections not yet accepted is longer: listen again
+            # on a duplicate of the socket (asyncio's wrapper does not offer listen()).
+            with socket.fromfd(listening.fileno(), listening.family, listening.type) as same:
+                same.listen(LISTEN_BACKLOG)
 
     @property
     def url(self) -> str:

@@ -6,10 +6,13 @@ import asyncio
 import contextlib
 import http.client
 import re
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -529,3 +532,15 @@ def test_a_client_that_leaves_its_answers_unread_is_dropped(
             while chunk := connection.recv(65536):
                 received += chunk
     assert 0 < received.count(b"HTTP/1.1 200 OK") < asked
+
+
+def test_the_listen_backlog_is_4096_not_the_accept_batch(running: Callable[..., Running]) -> None:
+    ss = shutil.which("ss")
+    if ss is None:
+        pytest.skip("no ss (iproute2) to read the backlog with")
+    exporter = running(enabled)
+    listing = subprocess.run(
+        [ss, "-ltnH", f"sport = :{exporter.port}"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    # LISTEN, Recv-Q (waiting now), Send-Q (the backlog), local address, peer address
+    assert listing[2] == str(min(4096, int(Path("/proc/sys/net/core/somaxconn").read_text())))
