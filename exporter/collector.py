@@ -4,8 +4,8 @@ The only I/O is one `client.fetch()` per scrape (and the Redis source's view),
 awaited on the server's loop. The exporter's own errors (`FetchError`,
 `ParseError`) become `jobstats_up 0` plus a counted reason and one log line;
 anything else is a bug and is left to surface. The families are built once
-per scrape and either handed to prometheus_client (`StaticCollector`,
-OpenMetrics) or written straight as text (`render_text()`), byte for byte
+per scrape and either handed to prometheus_client (`openmetrics()`) or
+written straight as text (`render_text()`), byte for byte
 what prometheus_client writes but without its per-sample cost.
 """
 
@@ -15,11 +15,8 @@ import asyncio
 import logging
 import platform
 import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator
+from collections.abc import Callable, Coroutine
 from typing import Any
-
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
 
 from . import __version__
 from .client import StatsClient
@@ -35,7 +32,6 @@ __all__ = [
     "Family",
     "JobStatsCollector",
     "ScrapeErrors",
-    "StaticCollector",
     "render_chunks",
     "render_text",
 ]
@@ -70,16 +66,6 @@ class ScrapeErrors:
 
     def snapshot(self) -> dict[str, int]:
         return dict(self._counts)
-
-
-class StaticCollector(Collector):
-    """Families built already, for prometheus_client's encoders (OpenMetrics)."""
-
-    def __init__(self, families: Iterable[Family | Histogram]) -> None:
-        self._metrics = [family.metric() for family in families]
-
-    def collect(self) -> Iterator[Metric]:
-        return iter(self._metrics)
 
 
 class JobStatsCollector:

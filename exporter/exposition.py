@@ -8,22 +8,21 @@ its per-sample cost. Nothing here reads the upstream, Redis or the clock.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    InfoMetricFamily,
-)
-from prometheus_client.metrics_core import Metric
-from prometheus_client.utils import floatToGoString
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
 
 __all__ = [
     "Family",
     "Histogram",
     "SampleWriter",
+    "StaticCollector",
+    "go_float",
+    "openmetrics",
     "render_chunks",
     "render_text",
     "sample_writers",
@@ -49,6 +48,12 @@ class Family:
 
     def metric(self) -> Metric:
         """The same family as a prometheus_client Metric, for its encoders."""
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            InfoMetricFamily,
+        )
+
         if self.lines is not None:
             raise ValueError(f"{self.name}: only rendered lines, no rows to encode")
         if self.kind == "info":
@@ -83,8 +88,10 @@ class Histogram:
         self.rows.append((values, cumulative, total))
 
     def metric(self) -> Metric:
+        from prometheus_client.core import HistogramMetricFamily
+
         family = HistogramMetricFamily(self.name, self.help, labels=self.labels)
-        edges = [*map(floatToGoString, self.bounds), "+Inf"]
+        edges = [*map(go_float, self.bounds), "+Inf"]
         for values, cumulative, total in self.rows:
             family.add_metric(list(values), list(zip(edges, cumulative, strict=True)), total)
         return family
@@ -195,7 +202,7 @@ def _rendered_histogram(family: Histogram, escape: Callable[[str], str]) -> str:
     bucket = _template(f"{name}_bucket", (*family.labels, "le"))
     count = _template(f"{name}_count", family.labels)
     total = _template(f"{name}_sum", family.labels)
-    edges = [*(str(floatToGoString(bound)) for bound in family.bounds), "+Inf"]  # type: ignore[no-untyped-call]
+    edges = [*map(go_float, family.bounds), "+Inf"]
     for values, cumulative, observed in family.rows:
         shown = [escape(value) for value in values]
         for edge, number in zip(edges, cumulative, strict=True):
@@ -206,7 +213,47 @@ def _rendered_histogram(family: Histogram, escape: Callable[[str], str]) -> str:
 
 
 def _number(value: float) -> str:
-    # floatToGoString's result for a small whole number, without its float round trip.
+    # go_float's result for a small whole number, without its float round trip.
     if type(value) is int and -1_000_000 < value < 1_000_000:
         return f"{value}.0"
-    return str(floatToGoString(value))  # type: ignore[no-untyped-call]
+    return go_float(value)
+
+
+def go_float(value: float) -> str:
+    """A sample value as the Prometheus clients write it (prometheus_client's
+    floatToGoString): Python's shortest repr, but an exponent from 10 million up, as Go."""
+    number = float(value)
+    if math.isnan(number):
+        return "NaN"
+    if math.isinf(number):
+        return "+Inf" if number > 0 else "-Inf"
+    text = repr(number)
+    point = text.find(".")
+    if number > 0 and point > 6:
+        # 12345678.5 -> 1.23456785e+07: every digit after the first moves behind the point.
+        digits = (text[1:point] + text[point + 1 :]).rstrip("0")
+        mantissa = f"{text[0]}.{digits}".rstrip(".")
+        return f"{mantissa}e+{point - 1:02d}"
+    return text
+
+
+class StaticCollector:
+    """Families built already, as a prometheus_client collector (for its encoders)."""
+
+    def __init__(self, families: Sequence[Family | Histogram]) -> None:
+        self._metrics = [family.metric() for family in families]
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self._metrics)
+
+
+def openmetrics(families: Sequence[Family | Histogram], accept: str) -> tuple[bytes, str]:
+    """The families in the format `accept` asks for, by prometheus_client's encoders, and
+    its content type. prometheus_client is imported here, for the clients that ask."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.exposition import choose_encoder
+
+    encoder, content_type = choose_encoder(accept)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StaticCollector(families))
+    return encoder(registry), content_type

@@ -27,8 +27,6 @@ from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 
 from . import __version__
 from .client import StatsClient, redact_url
@@ -36,11 +34,11 @@ from .collector import (
     AnswerMemo,
     JobStatsCollector,
     ScrapeErrors,
-    StaticCollector,
     render_chunks,
 )
 from .config import Config, parse_listen_address
 from .errors import ConfigError
+from .exposition import openmetrics
 from .logs import configure_logging
 from .process import ProcessMetrics
 from .protocol import ConnectionLimits, Connections, Request, Response
@@ -256,16 +254,14 @@ class Exporter:
         """
         state = self._state(target)
         timeout = scrape_timeout(state.target.timeout, timeout_header)
-        openmetrics = wants_openmetrics(accept)
+        as_openmetrics = wants_openmetrics(accept)
         # OpenMetrics needs rows, not rendered lines: it is built afresh.
-        collector = self._collector(state, timeout, None if openmetrics else state.memo)
+        collector = self._collector(state, timeout, None if as_openmetrics else state.memo)
         families = await collector.families()
         families.extend(self._process.families())
-        if openmetrics:
-            encoder, content_type = choose_encoder(accept or "")
-            registry = CollectorRegistry(auto_describe=False)
-            registry.register(StaticCollector(families))
-            return [encoder(registry)], content_type
+        if as_openmetrics:
+            body, content_type = openmetrics(families, accept or "")
+            return [body], content_type
         # The text format, written directly: what generate_latest writes, without its cost.
         return render_chunks(families), TEXT_FORMAT
 

@@ -26,10 +26,10 @@ from exporter.collector import (
     AnswerMemo,
     JobStatsCollector,
     ScrapeErrors,
-    StaticCollector,
     render_chunks,
     render_text,
 )
+from exporter.exposition import StaticCollector
 from exporter.schedule import CronSchedules
 from exporter.targets import Target
 

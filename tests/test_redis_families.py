@@ -17,9 +17,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.client import StatsClient
-from exporter.collector import JobStatsCollector, ScrapeErrors, StaticCollector, redis_families
+from exporter.collector import JobStatsCollector, ScrapeErrors, redis_families
 from exporter.events import EventCounts, RedisView
-from exporter.exposition import render_chunks, render_text
+from exporter.exposition import StaticCollector, render_chunks, render_text
 from exporter.schedule import CronSchedules
 from exporter.targets import Target
 
