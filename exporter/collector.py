@@ -16,15 +16,18 @@ import logging
 import platform
 import time
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .client import StatsClient
 from .errors import FetchError, ParseError
-from .events import BUCKETS, RedisView
 from .exposition import Family, Histogram, render_chunks, render_text, sample_writers, single
 from .model import KNOWN_STATUSES, Limits, ParseMemo, QueueStats, Stats, parse_stats
 from .schedule import CronSchedules, Schedule
+
+if TYPE_CHECKING:
+    # Only a target with a Redis source loads the tailer's module.
+    from .events import RedisView
 
 __all__ = [
     "SCRAPE_ERROR_REASONS",
@@ -272,7 +275,7 @@ class JobStatsCollector:
         # Each queue's lines as the last scrape rendered them, while its stats and schedule
         # are the same objects or equal: a large answer that barely changed costs little.
         writers = sample_writers(per_queue)
-        columns: list[list[str]] = [[] for _ in per_queue]
+        columns: list[list[bytes]] = [[] for _ in per_queue]
         known, kept = memo.lines, {}
         for queue in stats.queues:
             schedule = self._schedule(queue, now)
@@ -281,7 +284,7 @@ class JobStatsCollector:
                 lines = last[2]
             else:
                 lines = tuple(
-                    "".join(writer.line(*row) for row in rows)
+                    writer.lines(rows)
                     for writer, rows in zip(writers, _queue_rows(queue, schedule), strict=True)
                 )
             kept[queue.name] = (queue, schedule, lines)
@@ -336,11 +339,13 @@ class AnswerMemo:
     def __init__(self) -> None:
         self.parse = ParseMemo()
         #: By queue name: its stats, its schedule, and its lines in each per-queue family.
-        self.lines: dict[str, tuple[QueueStats, Schedule | None, tuple[str, ...]]] = {}
+        self.lines: dict[str, tuple[QueueStats, Schedule | None, tuple[bytes, ...]]] = {}
 
 
 def redis_families(view: RedisView) -> list[Family | Histogram]:
     """The families of a Redis source: exact counters and timings from the event streams."""
+    from .events import BUCKETS
+
     families: list[Family | Histogram] = [
         single(
             "jobstats_redis_up",

@@ -39,9 +39,9 @@ class Family:
     kind: str  # gauge, counter or info
     labels: tuple[str, ...] = ()
     rows: list[tuple[tuple[str, ...], float]] = field(default_factory=list)
-    #: The sample lines, when the caller kept them rendered (by a SampleWriter) from an
-    #: earlier scrape: then they are written as they are, and `rows` is not read.
-    lines: list[str] | None = None
+    #: The sample lines, encoded, when the caller kept them rendered (by a SampleWriter)
+    #: from an earlier scrape: then they are written as they are, and `rows` is not read.
+    lines: list[bytes] | None = None
 
     def add(self, values: tuple[str, ...], value: float) -> None:
         self.rows.append((values, value))
@@ -104,7 +104,7 @@ def single(name: str, help_text: str, value: float) -> Family:
 
 def render_text(families: Sequence[Family | Histogram]) -> str:
     """The families in the Prometheus text format 0.0.4, as generate_latest writes them."""
-    return "".join(_rendered(families))
+    return b"".join(render_chunks(families)).decode()
 
 
 def render_chunks(families: Sequence[Family | Histogram]) -> list[bytes]:
@@ -113,7 +113,7 @@ def render_chunks(families: Sequence[Family | Histogram]) -> list[bytes]:
     Only one family's lines exist as strings at once: a large scrape's peak memory is
     the encoded answer and one family, not every line, their join and its encoding.
     """
-    return [chunk.encode() for chunk in _rendered(families)]
+    return [chunk if isinstance(chunk, bytes) else chunk.encode() for chunk in _rendered(families)]
 
 
 class SampleWriter:
@@ -125,6 +125,10 @@ class SampleWriter:
 
     def line(self, values: tuple[str, ...], value: float) -> str:
         return self._template.format(*map(self._escape, values), _number(value))
+
+    def lines(self, rows: Sequence[tuple[tuple[str, ...], float]]) -> bytes:
+        """The sample lines of `rows`, encoded."""
+        return "".join([self.line(*row) for row in rows]).encode()
 
 
 def sample_writers(families: Sequence[Family]) -> list[SampleWriter]:
@@ -174,7 +178,7 @@ def _header(name: str, help_text: str, kind: str) -> str:
     return f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n"
 
 
-def _rendered(families: Sequence[Family | Histogram]) -> Iterator[str]:
+def _rendered(families: Sequence[Family | Histogram]) -> Iterator[str | bytes]:
     escape = _escaper()
     for family in families:
         if isinstance(family, Histogram):
@@ -183,8 +187,8 @@ def _rendered(families: Sequence[Family | Histogram]) -> Iterator[str]:
         name = _sample_name(family)
         lines = [_header(name, family.help, "counter" if family.kind == "counter" else "gauge")]
         if family.lines is not None:
-            lines.extend(family.lines)
-            yield "".join(lines)
+            # Encoded already: joined as bytes, never as one more string of the family.
+            yield lines[0].encode() + b"".join(family.lines)
             continue
         if not family.labels:
             lines.extend(f"{name} {_number(value)}\n" for _, value in family.rows)

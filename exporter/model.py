@@ -112,17 +112,13 @@ class Stats:
 
 
 class ParseMemo:
-    """The valid queues of the last answer, with the JSON each came from.
+    """The last answer's body and what it parsed to: sent again, it is not even decoded.
 
-    A queue whose entry comes again unchanged (same values of the same JSON types) is
-    taken as parsed before, not checked again. The caller keeps one per target; it is
-    data only, so parsing stays pure.
+    The caller keeps one per target; it is data only, so parsing stays pure.
     """
 
     def __init__(self) -> None:
         self.limits: Limits | None = None
-        self.queues: dict[str, tuple[Mapping[str, Any], QueueStats, int]] = {}
-        #: The last answer whole, and what it parsed to: sent again, it is not even decoded.
         self.body = b""
         self.stats: Stats | None = None
 
@@ -130,8 +126,8 @@ class ParseMemo:
 def parse_stats(body: bytes, limits: Limits = Limits(), memo: ParseMemo | None = None) -> Stats:
     """Parse a raw answer body; raise ParseError when it cannot be used at all.
 
-    With a `memo`, queues unchanged since the last answer are taken from it, and it is
-    left holding this answer's.
+    With a `memo`, the body of the last answer is not parsed again, and the memo is left
+    holding this answer's.
     """
     if memo is not None and memo.stats is not None and memo.limits == limits and memo.body == body:
         return memo.stats
@@ -150,8 +146,6 @@ def parse_stats(body: bytes, limits: Limits = Limits(), memo: ParseMemo | None =
 
     queues: list[QueueStats] = []
     invalid: list[ParseError] = []
-    previous = memo.queues if memo is not None and memo.limits == limits else {}
-    parsed: dict[str, tuple[Mapping[str, Any], QueueStats, int]] = {}
     dropped_queues = dropped_long_names = dropped_states = 0
     for name, entry in stats.items():
         if name == "redisStatus" or not isinstance(entry, dict):
@@ -162,16 +156,11 @@ def parse_stats(body: bytes, limits: Limits = Limits(), memo: ParseMemo | None =
         if len(queues) >= limits.max_queues:
             dropped_queues += 1
             continue
-        known = previous.get(name)
-        if known is not None and _same_json(entry, known[0]):
-            queue, dropped = known[1], known[2]
-        else:
-            try:
-                queue, dropped = _parse_queue(name, entry, limits)
-            except ParseError as error:
-                invalid.append(error)
-                continue
-        parsed[name] = (entry, queue, dropped)
+        try:
+            queue, dropped = _parse_queue(name, entry, limits)
+        except ParseError as error:
+            invalid.append(error)
+            continue
         queues.append(queue)
         dropped_states += dropped
     redis_available = document.get("redisAvailable")
@@ -186,7 +175,7 @@ def parse_stats(body: bytes, limits: Limits = Limits(), memo: ParseMemo | None =
         dropped_states=dropped_states,
     )
     if memo is not None:
-        memo.limits, memo.queues, memo.body, memo.stats = limits, parsed, body, result
+        memo.limits, memo.body, memo.stats = limits, body, result
     return result
 
 
@@ -206,37 +195,6 @@ def _decode_json(body: bytes) -> Any:
     except (ValueError, RecursionError) as error:
         # ValueError covers JSONDecodeError, NaN/Infinity and over-long integers.
         raise ParseError("invalid_json", "", f"body is not JSON: {_first_line(error)}") from None
-
-
-def _same_json(new: Any, old: Any) -> bool:
-    """Equal, and of the same JSON types all the way down: for Python `True == 1` and
-    `1.0 == 1`, but a JSON true or 1.0 is no count. A false "not the same" only costs a
-    parse."""
-    if new != old:
-        return False
-    return _same_types(new, old)
-
-
-def _same_types(new: Any, old: Any) -> bool:
-    # Types compared a container at a time, in C: this runs for every queue of every scrape.
-    if type(new) is not type(old):
-        return False
-    if type(new) is dict:
-        if list(new) != list(old):
-            return False
-        new, old = list(new.values()), list(old.values())
-    elif type(new) is not list:
-        return True
-    types = list(map(type, new))
-    if types != list(map(type, old)):
-        return False
-    if dict not in types and list not in types:
-        return True
-    return all(
-        _same_types(a, b)
-        for a, b, kind in zip(new, old, types, strict=True)
-        if kind in (dict, list)
-    )
 
 
 def _reject_constant(name: str) -> Any:

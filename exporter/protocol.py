@@ -300,7 +300,15 @@ class Connection(asyncio.Protocol):
         if not keep_alive:
             lines.append("Connection: close")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self._transport.writelines([head, *chunks])
+        size = len(head) + sum(map(len, chunks))
+        if size <= _ONE_WRITE_BYTES:
+            # Headers and body in one send: nothing for Nagle or delayed ACKs to hold.
+            self._transport.write(b"".join([head, *chunks]))
+            return
+        # A large answer is handed over a chunk at a time: the kernel takes most at once,
+        # and the whole is never copied into one more buffer (writelines would join it).
+        for chunk in (head, *chunks):
+            self._transport.write(chunk)
 
     def _refuse(self, status: HTTPStatus) -> None:
         """Answer a request that cannot be parsed or is too large, then close."""
@@ -345,3 +353,5 @@ class Connection(asyncio.Protocol):
 
 
 _TEXT = "text/plain; charset=utf-8"
+#: Answers up to this size are joined and written in one call.
+_ONE_WRITE_BYTES = 64 * 1024
