@@ -15,7 +15,8 @@ import asyncio
 import logging
 import platform
 import time
-from collections.abc import Callable, Coroutine
+from array import array
+from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import __version__
@@ -266,34 +267,13 @@ class JobStatsCollector:
         per_queue = (jobs, status, recurring, next_run, cron_next, cron_interval, info)
         now = self.clock()
         memo = self.memo
+        schedules = [self._schedule(queue, now) for queue in stats.queues]
         if memo is None:
-            for queue in stats.queues:
-                schedule = self._schedule(queue, now)
-                for family, rows in zip(per_queue, _queue_rows(queue, schedule), strict=True):
-                    family.rows.extend(rows)
+            for family, rows_of in zip(per_queue, QUEUE_ROWS, strict=True):
+                for queue, schedule in zip(stats.queues, schedules, strict=True):
+                    family.rows.extend(rows_of(queue, schedule))
             return [*families, *per_queue]
-        # Each queue's lines as the last scrape rendered them, while its stats and schedule
-        # are the same objects or equal: a large answer that barely changed costs little.
-        writers = sample_writers(per_queue)
-        columns: list[list[bytes]] = [[] for _ in per_queue]
-        known, kept = memo.lines, {}
-        for queue in stats.queues:
-            schedule = self._schedule(queue, now)
-            last = known.get(queue.name)
-            if last is not None and last[1] is schedule and last[0] == queue:
-                lines = last[2]
-            else:
-                lines = tuple(
-                    writer.lines(rows)
-                    for writer, rows in zip(writers, _queue_rows(queue, schedule), strict=True)
-                )
-            kept[queue.name] = (queue, schedule, lines)
-            for column, text in zip(columns, lines, strict=True):
-                if text:
-                    column.append(text)
-        memo.lines = kept
-        for family, column in zip(per_queue, columns, strict=True):
-            family.lines = column
+        memo.reuse(stats.queues, schedules, per_queue)
         return [*families, *per_queue]
 
     def _schedule(self, queue: QueueStats, now: float) -> Schedule | None:
@@ -304,42 +284,125 @@ class JobStatsCollector:
 Rows = list[tuple[tuple[str, ...], float]]
 
 
-def _queue_rows(
-    queue: QueueStats, schedule: Schedule | None
-) -> tuple[Rows, Rows, Rows, Rows, Rows, Rows, Rows]:
-    """One queue's samples of jobs, status, recurring jobs, next run, cron next run, cron
-    interval and recurring info, in that order."""
-    name = queue.name
-    jobs: Rows = [((name, state), count) for state, count in queue.states()]
-    status: Rows = [((name, each), 1 if each == queue.status else 0) for each in STATUSES]
-    recurring: Rows = []
-    next_run: Rows = []
-    cron_next: Rows = []
-    cron_interval: Rows = []
-    info: Rows = []
+def _jobs(queue: QueueStats, schedule: Schedule | None) -> Rows:
+    return [((queue.name, state), count) for state, count in queue.states()]
+
+
+def _status(queue: QueueStats, schedule: Schedule | None) -> Rows:
+    return [((queue.name, each), 1 if each == queue.status else 0) for each in STATUSES]
+
+
+def _recurring(queue: QueueStats, schedule: Schedule | None) -> Rows:
     scheduled = queue.recurring
-    if scheduled is not None:
-        recurring.append(((name,), scheduled.count))
-        if scheduled.next_run_ms is not None:
-            next_run.append(((name,), scheduled.next_run_ms / 1000))
-        pattern = scheduled.cron
-        if pattern is not None:
-            if schedule is None:
-                info.append(((name, pattern, INVALID_SCHEDULE), 1))
-            else:
-                info.append(((name, pattern, schedule.words), 1))
-                cron_next.append(((name,), schedule.next_fire_time))
-                cron_interval.append(((name,), schedule.interval_seconds))
-    return jobs, status, recurring, next_run, cron_next, cron_interval, info
+    return [] if scheduled is None else [((queue.name,), scheduled.count)]
+
+
+def _next_run(queue: QueueStats, schedule: Schedule | None) -> Rows:
+    scheduled = queue.recurring
+    if scheduled is None or scheduled.next_run_ms is None:
+        return []
+    return [((queue.name,), scheduled.next_run_ms / 1000)]
+
+
+def _cron_next(queue: QueueStats, schedule: Schedule | None) -> Rows:
+    return [] if schedule is None else [((queue.name,), schedule.next_fire_time)]
+
+
+def _cron_interval(queue: QueueStats, schedule: Schedule | None) -> Rows:
+    return [] if schedule is None else [((queue.name,), schedule.interval_seconds)]
+
+
+def _recurring_info(queue: QueueStats, schedule: Schedule | None) -> Rows:
+    pattern = queue.recurring.cron if queue.recurring is not None else None
+    if pattern is None:
+        return []
+    words = INVALID_SCHEDULE if schedule is None else schedule.words
+    return [((queue.name, pattern, words), 1)]
+
+
+#: One queue's samples in each per-queue family: jobs, status, recurring jobs, next run,
+#: cron next run, cron interval and recurring info, in that order.
+QUEUE_ROWS = (_jobs, _status, _recurring, _next_run, _cron_next, _cron_interval, _recurring_info)
 
 
 class AnswerMemo:
-    """What one target's last scrape parsed and rendered, for the next to reuse."""
+    """What one target's last scrape parsed and rendered, for the next to reuse.
+
+    The sample lines of each per-queue family are kept as one bytes (what the answer
+    writes), with where each queue's lines start. A queue whose stats are equal and
+    whose schedule is the same object keeps its lines: unchanged runs of queues are
+    copied over as slices, only changed queues are rendered, and an answer where no
+    queue changed is written from the kept bytes as they are.
+    """
 
     def __init__(self) -> None:
         self.parse = ParseMemo()
-        #: By queue name: its stats, its schedule, and its lines in each per-queue family.
-        self.lines: dict[str, tuple[QueueStats, Schedule | None, tuple[bytes, ...]]] = {}
+        #: By queue name, in the last answer's order: its stats, schedule and position.
+        self.queues: dict[str, tuple[QueueStats, Schedule | None, int]] = {}
+        #: Per per-queue family: every queue's lines, joined; and each queue's start
+        #: offset in them, plus the end.
+        self.texts: list[bytes] = []
+        self.starts: list[array[int]] = []
+
+    def reuse(
+        self,
+        queues: Sequence[QueueStats],
+        schedules: Sequence[Schedule | None],
+        families: Sequence[Family],
+    ) -> None:
+        """Give each of `families` (the per-queue ones, in _queue_rows' order) its lines
+        for `queues`, reusing what did not change; keep them for the next scrape."""
+        known = self.queues
+        # Runs of unchanged queues ([first, end) of their old positions), and each changed
+        # queue with its schedule, in the new order.
+        steps: list[list[int] | tuple[QueueStats, Schedule | None]] = []
+        kept: dict[str, tuple[QueueStats, Schedule | None, int]] = {}
+        for position, (queue, schedule) in enumerate(zip(queues, schedules, strict=True)):
+            last = known.get(queue.name)
+            if last is not None and last[1] is schedule and last[0] == queue:
+                old = last[2]
+                run = steps[-1] if steps else None
+                if isinstance(run, list) and run[1] == old:
+                    run[1] = old + 1
+                else:
+                    steps.append([old, old + 1])
+            else:
+                steps.append((queue, schedule))
+            kept[queue.name] = (queue, schedule, position)
+        unchanged = steps == [[0, len(known)]] and len(self.texts) == len(families)
+        if not unchanged:
+            self._rebuild(steps, families)
+        self.queues = kept
+        for family, text in zip(families, self.texts, strict=True):
+            family.text = text
+
+    def _rebuild(
+        self,
+        steps: list[list[int] | tuple[QueueStats, Schedule | None]],
+        families: Sequence[Family],
+    ) -> None:
+        # A family at a time: only one family's new lines exist apart from the kept ones.
+        texts: list[bytes] = []
+        starts_of: list[array[int]] = []
+        writers = sample_writers(families)
+        for index, (writer, rows_of) in enumerate(zip(writers, QUEUE_ROWS, strict=True)):
+            old = memoryview(self.texts[index]) if self.texts else memoryview(b"")
+            old_starts = self.starts[index] if self.starts else array("q", [0])
+            parts: list[bytes | memoryview] = []
+            starts = array("q", [0])
+            for step in steps:
+                if isinstance(step, list):
+                    first, end = step
+                    parts.append(old[old_starts[first] : old_starts[end]])
+                    shift = starts[-1] - old_starts[first]
+                    starts.extend(old_starts[k] + shift for k in range(first + 1, end + 1))
+                else:
+                    lines = writer.lines(rows_of(*step))
+                    parts.append(lines)
+                    starts.append(starts[-1] + len(lines))
+            texts.append(b"".join(parts))
+            starts_of.append(starts)
+        self.texts, self.starts = texts, starts_of
 
 
 def redis_families(view: RedisView) -> list[Family | Histogram]:

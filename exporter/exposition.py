@@ -39,9 +39,9 @@ class Family:
     kind: str  # gauge, counter or info
     labels: tuple[str, ...] = ()
     rows: list[tuple[tuple[str, ...], float]] = field(default_factory=list)
-    #: The sample lines, encoded, when the caller kept them rendered (by a SampleWriter)
-    #: from an earlier scrape: then they are written as they are, and `rows` is not read.
-    lines: list[bytes] | None = None
+    #: The sample lines, encoded and joined, when the caller kept them rendered (by a
+    #: SampleWriter): then they are written as they are, and `rows` is not read.
+    text: bytes | None = None
 
     def add(self, values: tuple[str, ...], value: float) -> None:
         self.rows.append((values, value))
@@ -54,7 +54,7 @@ class Family:
             InfoMetricFamily,
         )
 
-        if self.lines is not None:
+        if self.text is not None:
             raise ValueError(f"{self.name}: only rendered lines, no rows to encode")
         if self.kind == "info":
             ((values, _),) = self.rows
@@ -186,9 +186,10 @@ def _rendered(families: Sequence[Family | Histogram]) -> Iterator[str | bytes]:
             continue
         name = _sample_name(family)
         lines = [_header(name, family.help, "counter" if family.kind == "counter" else "gauge")]
-        if family.lines is not None:
-            # Encoded already: joined as bytes, never as one more string of the family.
-            yield lines[0].encode() + b"".join(family.lines)
+        if family.text is not None:
+            # Encoded already: written as it is, never copied into one more buffer.
+            yield lines[0].encode()
+            yield family.text
             continue
         if not family.labels:
             lines.extend(f"{name} {_number(value)}\n" for _, value in family.rows)

@@ -7,8 +7,10 @@ set aside in `Stats.invalid` so the other queues are still exported.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -119,7 +121,8 @@ class ParseMemo:
 
     def __init__(self) -> None:
         self.limits: Limits | None = None
-        self.body = b""
+        #: The SHA-256 of the last body: as sure as the body itself, and 32 bytes.
+        self.digest = b""
         self.stats: Stats | None = None
 
 
@@ -129,7 +132,16 @@ def parse_stats(body: bytes, limits: Limits = Limits(), memo: ParseMemo | None =
     With a `memo`, the body of the last answer is not parsed again, and the memo is left
     holding this answer's.
     """
-    if memo is not None and memo.stats is not None and memo.limits == limits and memo.body == body:
+    digest = hashlib.sha256(body).digest() if memo is not None else b""
+    if (
+        memo is not None
+        and memo.stats is not None
+        and (memo.limits, memo.digest)
+        == (
+            limits,
+            digest,
+        )
+    ):
         return memo.stats
     document = _decode_json(body)
     if not isinstance(document, dict):
@@ -175,7 +187,7 @@ def parse_stats(body: bytes, limits: Limits = Limits(), memo: ParseMemo | None =
         dropped_states=dropped_states,
     )
     if memo is not None:
-        memo.limits, memo.body, memo.stats = limits, body, result
+        memo.limits, memo.digest, memo.stats = limits, digest, result
     return result
 
 
@@ -219,12 +231,13 @@ def _parse_queue(name: str, entry: Mapping[str, Any], limits: Limits) -> tuple[Q
     kept = [state for state in extra if len(state[0]) <= limits.max_queue_name_length]
     kept = kept[: limits.max_extra_states]
     status = entry.get("status")
-    status_text = status if isinstance(status, str) else None
+    # Interned: a thousand queues share one "active", not a copy each, between scrapes.
+    status_text = sys.intern(status) if isinstance(status, str) else None
     queue = QueueStats(
         name=name,
         **counts,
         extra_states=tuple(kept),
-        status=status if status in KNOWN_STATUSES else "unknown",
+        status=status_text if status_text in KNOWN_STATUSES else "unknown",
         status_text=status_text,
         recurring=_recurring(entry.get("recurringJobs"), f"{path}.recurringJobs"),
     )
@@ -249,7 +262,9 @@ def _recurring(value: Any, path: str) -> RecurringJobs | None:
             "invalid_payload", f"{path}.cron", f"expected a string or null, got {_show(cron)}"
         )
     return RecurringJobs(
-        count=_count(value.get("count", _MISSING), f"{path}.count"), next_run_ms=next_run, cron=cron
+        count=_count(value.get("count", _MISSING), f"{path}.count"),
+        next_run_ms=next_run,
+        cron=None if cron is None else sys.intern(cron),
     )
 
 

@@ -275,7 +275,9 @@ class Connection(asyncio.Protocol):
                 if self._closing:
                     return
                 keep_alive = not (self._last_request_taken and not self._requests)
-                self._write(response, keep_alive)
+                await self._send(response, keep_alive)
+                if self._closing:
+                    return
                 if not keep_alive:
                     self._close()
                     return
@@ -285,9 +287,7 @@ class Connection(asyncio.Protocol):
             limits = self._connections.limits
             self._arm(limits.request_timeout if self._in_message else limits.idle_timeout)
 
-    def _write(self, response: Response, keep_alive: bool) -> None:
-        assert self._transport is not None
-        chunks = [response.body] if isinstance(response.body, bytes) else response.body
+    def _head(self, response: Response, chunks: list[bytes], keep_alive: bool) -> bytes:
         status = HTTPStatus(response.status)
         lines = [
             f"HTTP/1.1 {status.value} {status.phrase}",
@@ -299,16 +299,30 @@ class Connection(asyncio.Protocol):
         lines.extend(f"{name}: {value}" for name, value in response.headers.items())
         if not keep_alive:
             lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        size = len(head) + sum(map(len, chunks))
-        if size <= _ONE_WRITE_BYTES:
-            # Headers and body in one send: nothing for Nagle or delayed ACKs to hold.
-            self._transport.write(b"".join([head, *chunks]))
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def _write(self, response: Response, keep_alive: bool) -> None:
+        """A small answer, headers and body in one send: nothing for Nagle to hold."""
+        assert self._transport is not None
+        chunks = [response.body] if isinstance(response.body, bytes) else response.body
+        self._transport.write(b"".join([self._head(response, chunks, keep_alive), *chunks]))
+
+    async def _send(self, response: Response, keep_alive: bool) -> None:
+        chunks = [response.body] if isinstance(response.body, bytes) else response.body
+        if sum(map(len, chunks)) <= _ONE_WRITE_BYTES:
+            self._write(response, keep_alive)
             return
-        # A large answer is handed over a chunk at a time: the kernel takes most at once,
-        # and the whole is never copied into one more buffer (writelines would join it).
-        for chunk in (head, *chunks):
-            self._transport.write(chunk)
+        # A large answer goes out a slice at a time, as fast as the client takes it: what
+        # waits in this process is one slice, never a copy of the whole answer.
+        assert self._transport is not None
+        self._transport.write(self._head(response, chunks, keep_alive))
+        for chunk in chunks:
+            view = memoryview(chunk)
+            for start in range(0, len(view), _ONE_WRITE_BYTES):
+                await self._writable.wait()
+                if self._closing:
+                    return
+                self._transport.write(view[start : start + _ONE_WRITE_BYTES])
 
     def _refuse(self, status: HTTPStatus) -> None:
         """Answer a request that cannot be parsed or is too large, then close."""

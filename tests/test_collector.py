@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import operator
 import os
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -20,6 +21,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter import collector as collector_module
 from exporter.client import StatsClient
 from exporter.collector import (
     SCRAPE_ERROR_REASONS,
@@ -30,7 +32,8 @@ from exporter.collector import (
     render_text,
 )
 from exporter.exposition import StaticCollector
-from exporter.schedule import CronSchedules
+from exporter.model import QueueStats
+from exporter.schedule import CronSchedules, Schedule
 from exporter.targets import Target
 
 from samples import sample, sample_bytes
@@ -359,6 +362,7 @@ def test_a_memo_renders_what_a_fresh_scrape_renders_as_the_answer_changes(
     scrape that builds everything afresh."""
     answer = sample("enabled")
     queues = answer["stats"]
+    queues["third"] = dict(queues["product"], failed=9)
     steps: list[tuple[str, float]] = [("first answer", NOW), ("the same answer", NOW)]
     memo = AnswerMemo()
     schedules = CronSchedules("UTC")
@@ -382,12 +386,30 @@ def test_a_memo_renders_what_a_fresh_scrape_renders_as_the_answer_changes(
 
     for step, now in steps:
         check(step, now)
-    kept = memo.lines["product"][2]
+    kept = memo.texts
+    check("nothing changed", NOW)
+    assert all(map(operator.is_, memo.texts, kept)), "an unchanged answer is rendered again"
 
-    queues["inventory"]["failed"] += 1
+    rendered: list[str] = []
+    with pytest.MonkeyPatch.context() as patch:
+        jobs = collector_module.QUEUE_ROWS[0]
+
+        def counted(queue: QueueStats, schedule: Schedule | None) -> Any:
+            rendered.append(queue.name)
+            return jobs(queue, schedule)
+
+        patch.setattr(collector_module, "QUEUE_ROWS", (counted, *collector_module.QUEUE_ROWS[1:]))
+        queues["inventory"]["failed"] += 1
+        upstream.serve(answer)
+        text(NOW, memo)
+    assert rendered == ["inventory"], "only the queue that changed is rendered"
     check("one queue's count changed", NOW)
-    assert memo.lines["product"][2] is kept, "an unchanged queue is rendered again"
-    assert 'queue="inventory",state="failed"} 4.0' in text(NOW, memo)
+    # The queues after it were copied over at new offsets: reused again, they must fit.
+    queues["inventory"]["failed"] += 1
+    check("the same queue changed again", NOW)
+    queues["product"]["waiting"] += 1
+    check("the queue in the middle changed", NOW)
+    assert 'queue="inventory",state="failed"} 5.0' in text(NOW, memo)
 
     queues["new"] = dict(queues.pop("product"), waiting=7)
     check("one queue gone, one new", NOW)
