@@ -1034,3 +1034,71 @@ def test_extra_states_over_the_cap_are_dropped_and_counted(
     assert {state: states[state] for state in set(states) & set(extra)} == {
         state: extra[state] for state in set(states) & set(extra)
     }
+
+
+# --- client certificates ----------------------------------------------------------------
+
+
+def test_client_certificates_are_required_when_the_web_config_says_so(
+    web_api: FakeStatsApi, ca: trustme.CA, tmp_path: Path
+) -> None:
+    server_certificate = ca.issue_cert(HOST)
+    server_certificate.cert_chain_pems[0].write_to_path(str(tmp_path / "server.crt"))
+    server_certificate.private_key_pem.write_to_path(str(tmp_path / "server.key"))
+    ca.cert_pem.write_to_path(str(tmp_path / "clients-ca.crt"))
+    web_config = tmp_path / "web-config.yml"
+    web_config.write_text(
+        yaml.safe_dump(
+            {
+                "tls_server_config": {
+                    "cert_file": str(tmp_path / "server.crt"),
+                    "key_file": str(tmp_path / "server.key"),
+                    "client_auth_type": "RequireAndVerifyClientCert",
+                    "client_ca_file": str(tmp_path / "clients-ca.crt"),
+                }
+            }
+        ),
+        encoding="utf-8",
+    )
+    config = write_config(tmp_path, {"targets": [{"name": "shop", "url": web_api.url}]})
+    with_certificate = ssl.create_default_context()
+    ca.configure_trust(with_certificate)
+    ca.issue_cert("prometheus@example.com").configure_cert(with_certificate)
+    without_certificate = ssl.create_default_context()
+    ca.configure_trust(without_certificate)
+    args = [*config_args(config), "--web.config.file", str(web_config)]
+    with running_exporter(args, tmp_path, tls=with_certificate) as exporter:
+        status, body = http_get(exporter.port, "/metrics", tls=with_certificate)
+        assert status == 200
+        assert Exposition.parse(body).value("jobstats_up") == 1
+        with pytest.raises((OSError, http.client.HTTPException)):
+            http_get(exporter.port, "/metrics", tls=without_certificate)
+        # The refused handshake cost nothing to the others.
+        assert http_get(exporter.port, "/-/healthy", tls=with_certificate)[0] == 200
+    assert_no_traceback(exporter)
+
+
+# --- a flood of half-sent requests ------------------------------------------------------
+
+
+def test_scrapes_go_on_while_hundreds_of_connections_send_half_a_request(
+    web_api: FakeStatsApi, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, {"targets": [{"name": "shop", "url": web_api.url}]})
+    with running_exporter(config_args(config), tmp_path) as exporter:
+        flood: list[socket.socket] = []
+        try:
+            for _ in range(500):
+                connection = socket.create_connection((HOST, exporter.port), timeout=PATIENCE)
+                connection.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                flood.append(connection)
+            for _ in range(5):
+                status, body = http_get(exporter.port, "/metrics")
+                assert status == 200
+                assert Exposition.parse(body).value("jobstats_up") == 1
+            threads = Path(f"/proc/{exporter.pid}/status").read_text()
+            assert "\nThreads:\t1\n" in threads  # no thread per connection
+        finally:
+            for connection in flood:
+                connection.close()
+    assert_no_traceback(exporter)
