@@ -202,6 +202,17 @@ def memory_bytes(pid: int, field: str) -> int:
     raise HarnessError(f"no {field} in /proc/{pid}/status")
 
 
+def stop_process(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM `process` by its PID, then SIGKILL after `timeout` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
+
+
 def _python_running_exporter(without_modules: Sequence[str]) -> list[str]:
     """`python -m exporter`, or its equivalent with some modules made unimportable."""
     if not without_modules:
@@ -301,11 +312,5 @@ class ExporterProcess:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM by PID, then SIGKILL after `timeout` seconds; removes the temporary files."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
+        stop_process(self.process, timeout)
         self._folder.cleanup()

@@ -27,6 +27,7 @@ from harness import (
     free_port,
     memory_bytes,
     percentile,
+    stop_process,
 )
 
 BLACKBOX = "prometheus-blackbox-exporter"
@@ -118,13 +119,7 @@ class BlackboxProcess:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM by PID, then SIGKILL after `timeout` seconds; removes its folder."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout)
+        stop_process(self.process, timeout)
         self._folder.cleanup()
 
 

@@ -31,6 +31,7 @@ from harness import (
     free_port,
     http_response,
     sample,
+    stop_process,
 )
 from producer import create_queues, queue_names
 from prometheus_client.parser import text_string_to_metric_families
@@ -165,13 +166,7 @@ class RedisServerProcess:
     def stop(self) -> None:
         """SIGTERM by PID, then SIGKILL after 10 s; removes its folder."""
         self.client.close()
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process)
         self._folder.cleanup()
 
 
