@@ -434,6 +434,8 @@ class Tailer:
             self._apply(name, position, entries)
             if len(entries) >= count:
                 position.suspect = behind = True
+            # The loop also serves the scrapes: a large read is counted a stream at a time.
+            await asyncio.sleep(0)
         if reply and not behind:
             await asyncio.sleep(READ_PAUSE)
 
