@@ -227,8 +227,11 @@ class Connection(asyncio.Protocol):
         self._body = bytearray()
 
     def on_url(self, url: bytes) -> None:
-        self._url += url
         self._received += len(url)
+        if self._received > MAX_HEADER_BYTES:
+            self._too_large = self._too_large or HTTPStatus.REQUEST_URI_TOO_LONG
+            return
+        self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._received += len(name) + len(value) + 4

@@ -411,6 +411,7 @@ def test_pipelined_requests_are_answered_in_order(running: Callable[..., Running
     [
         (b"NOT HTTP AT ALL\r\n\r\n", b"400"),
         (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", b"431"),
+        (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", b"414"),
         (
             b"POST /-/healthy HTTP/1.1\r\nHost: x\r\nContent-Length: 70000\r\n\r\n" + b"a" * 70_000,
             b"413",
