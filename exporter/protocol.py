@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
-import socket
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -50,6 +50,8 @@ MAX_PIPELINED = 8
 #: Seconds a client may leave an answer unread (the send buffer full, no progress)
 #: before the connection is dropped: an answer waiting for it is held in memory.
 WRITE_STALL_TIMEOUT = 60.0
+#: Seconds between two passes over the connections for deadlines, at most.
+SWEEP_INTERVAL = 0.5
 #: Seconds between two log lines about refused connections.
 _REFUSED_LOG_INTERVAL = 60.0
 
@@ -98,6 +100,7 @@ class Connections:
         self.refused = 0
         self._refused_logged_at = -_REFUSED_LOG_INTERVAL
         self._date: tuple[int, str] = (0, "")
+        self._sweeper: asyncio.Task[None] | None = None
 
     def http_date(self) -> str:
         """The Date header's value, formatted once a second."""
@@ -107,7 +110,24 @@ class Connections:
         return self._date[1]
 
     def protocol(self) -> Connection:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         return Connection(self)
+
+    async def _sweep(self) -> None:
+        """Close the connections past their deadline, a few times per shortest timeout.
+
+        One pass over the open connections instead of a timer each: setting up and
+        cancelling a timer per connection and per request cost more than the pass.
+        """
+        limits = self.limits
+        interval = min(SWEEP_INTERVAL, limits.request_timeout / 4, limits.idle_timeout / 4)
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for connection in [c for c in self.open if c.deadline <= now]:
+                connection.expire()
 
     def refuse(self) -> None:
         self.refused += 1
@@ -121,6 +141,8 @@ class Connections:
 
     async def close(self, grace: float) -> None:
         """Close idle connections now; give those answering a request `grace` seconds."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for connection in list(self.open):
             connection.close_when_idle()
         deadline = time.monotonic() + grace
@@ -138,7 +160,8 @@ class Connection(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpRequestParser(self)
-        self._timer: asyncio.TimerHandle | None = None
+        #: Loop time past which the connection is closed, unless it is answering.
+        self.deadline = math.inf
         #: Drops the connection when a paused write makes no progress in time.
         self._stalled: asyncio.TimerHandle | None = None
         self._requests: deque[Request] = deque()
@@ -148,6 +171,8 @@ class Connection(asyncio.Protocol):
         self._closing = False
         #: Close once the requests taken so far are answered.
         self._last_request_taken = False
+        #: True while the timer is the idle one, between an answer and the next byte.
+        self._idle = False
         #: The status that refuses a request too large to take; 0 while none is.
         self._too_large = 0
         # The request being received.
@@ -168,10 +193,7 @@ class Connection(asyncio.Protocol):
             transport.abort()
             return
         connections.open.add(self)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Headers and body may leave in two sends: Nagle must not hold the second.
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # (asyncio sets TCP_NODELAY on every TCP transport: Nagle holds no answer.)
         self._arm(connections.limits.request_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -188,7 +210,7 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
-        if not self._in_message and not self._requests and self._task is None:
+        if self._idle:
             # The first byte after an answer: the request deadline starts now.
             self._arm(self._connections.limits.request_timeout)
         try:
@@ -288,7 +310,11 @@ class Connection(asyncio.Protocol):
             self._task = None
         if not self._closing:
             limits = self._connections.limits
-            self._arm(limits.request_timeout if self._in_message else limits.idle_timeout)
+            if self._in_message:
+                self._arm(limits.request_timeout)
+            else:
+                self._arm(limits.idle_timeout)
+                self._idle = True
 
     def _head(self, response: Response, chunks: list[bytes], keep_alive: bool) -> bytes:
         status = HTTPStatus(response.status)
@@ -355,16 +381,15 @@ class Connection(asyncio.Protocol):
             self._transport.close()
 
     def _arm(self, seconds: float) -> None:
-        self._disarm()
-        self._timer = self._loop.call_later(seconds, self._expired)
+        self.deadline = self._loop.time() + seconds
+        self._idle = False
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.deadline = math.inf
 
-    def _expired(self) -> None:
-        self._timer = None
+    def expire(self) -> None:
+        """Its deadline has passed: close, unless an answer is being made."""
+        self.deadline = math.inf
         if self._task is None:
             self._close()
 
