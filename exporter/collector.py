@@ -118,6 +118,7 @@ class JobStatsCollector:
                 stats: Stats | None = parse_stats(
                     fetched.body, self.limits, self.memo.parse if self.memo else None
                 )
+                del fetched  # the body is parsed: not kept through the rendering
             else:
                 # No stats API: the card comes from the Redis source, read under the deadline.
                 assert view is not None, "a target without a stats API has a Redis source"
