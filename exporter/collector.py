@@ -342,7 +342,7 @@ class AnswerMemo:
         self.queues: dict[str, tuple[QueueStats, Schedule | None, int]] = {}
         #: Per per-queue family: every queue's lines, joined; and each queue's start
         #: offset in them, plus the end.
-        self.texts: list[bytes] = []
+        self.texts: list[bytes | bytearray] = []
         self.starts: list[array[int]] = []
 
     def reuse(
@@ -382,26 +382,26 @@ class AnswerMemo:
         steps: list[list[int] | tuple[QueueStats, Schedule | None]],
         families: Sequence[Family],
     ) -> None:
-        # A family at a time: only one family's new lines exist apart from the kept ones.
-        texts: list[bytes] = []
+        # A family at a time, into one growing buffer: apart from the kept texts, only
+        # one family's new text exists, never its pieces and their join as well.
+        texts: list[bytes | bytearray] = []
         starts_of: list[array[int]] = []
         writers = sample_writers(families)
         for index, (writer, rows_of) in enumerate(zip(writers, QUEUE_ROWS, strict=True)):
             old = memoryview(self.texts[index]) if self.texts else memoryview(b"")
             old_starts = self.starts[index] if self.starts else array("q", [0])
-            parts: list[bytes | memoryview] = []
+            text = bytearray()
             starts = array("q", [0])
             for step in steps:
                 if isinstance(step, list):
                     first, end = step
-                    parts.append(old[old_starts[first] : old_starts[end]])
+                    text += old[old_starts[first] : old_starts[end]]
                     shift = starts[-1] - old_starts[first]
                     starts.extend(old_starts[k] + shift for k in range(first + 1, end + 1))
                 else:
-                    lines = writer.lines(rows_of(*step))
-                    parts.append(lines)
-                    starts.append(starts[-1] + len(lines))
-            texts.append(b"".join(parts))
+                    text += writer.lines(rows_of(*step))
+                    starts.append(len(text))
+            texts.append(text)
             starts_of.append(starts)
         self.texts, self.starts = texts, starts_of
 

@@ -41,7 +41,7 @@ class Family:
     rows: list[tuple[tuple[str, ...], float]] = field(default_factory=list)
     #: The sample lines, encoded and joined, when the caller kept them rendered (by a
     #: SampleWriter): then they are written as they are, and `rows` is not read.
-    text: bytes | None = None
+    text: bytes | bytearray | None = None
 
     def add(self, values: tuple[str, ...], value: float) -> None:
         self.rows.append((values, value))
@@ -107,13 +107,13 @@ def render_text(families: Sequence[Family | Histogram]) -> str:
     return b"".join(render_chunks(families)).decode()
 
 
-def render_chunks(families: Sequence[Family | Histogram]) -> list[bytes]:
+def render_chunks(families: Sequence[Family | Histogram]) -> list[bytes | bytearray]:
     """The same text, encoded one family at a time.
 
     Only one family's lines exist as strings at once: a large scrape's peak memory is
     the encoded answer and one family, not every line, their join and its encoding.
     """
-    return [chunk if isinstance(chunk, bytes) else chunk.encode() for chunk in _rendered(families)]
+    return [chunk.encode() if isinstance(chunk, str) else chunk for chunk in _rendered(families)]
 
 
 class SampleWriter:
@@ -178,7 +178,7 @@ def _header(name: str, help_text: str, kind: str) -> str:
     return f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n"
 
 
-def _rendered(families: Sequence[Family | Histogram]) -> Iterator[str | bytes]:
+def _rendered(families: Sequence[Family | Histogram]) -> Iterator[str | bytes | bytearray]:
     escape = _escaper()
     for family in families:
         if isinstance(family, Histogram):

@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
@@ -81,7 +81,7 @@ class Request:
 @dataclass(slots=True)
 class Response:
     status: int
-    body: bytes | list[bytes]
+    body: bytes | list[bytes | bytearray]
     content_type: str
     headers: Mapping[str, str] = field(default_factory=dict)
 
@@ -316,7 +316,9 @@ class Connection(asyncio.Protocol):
                 self._arm(limits.idle_timeout)
                 self._idle = True
 
-    def _head(self, response: Response, chunks: list[bytes], keep_alive: bool) -> bytes:
+    def _head(
+        self, response: Response, chunks: Sequence[bytes | bytearray], keep_alive: bool
+    ) -> bytes:
         status = HTTPStatus(response.status)
         lines = [
             f"HTTP/1.1 {status.value} {status.phrase}",

@@ -247,7 +247,7 @@ class Exporter:
 
     async def metrics(
         self, accept: str | None, timeout_header: str | None, target: str | None = None
-    ) -> tuple[list[bytes], str]:
+    ) -> tuple[list[bytes | bytearray], str]:
         """The exposition, in chunks, and its content type, for one scrape.
 
         UnknownTargetError when `target` is not configured.
