@@ -365,7 +365,9 @@ class MetricsServer:
     @property
     def url(self) -> str:
         assert self._server is not None, "start() first"
-        host, port = self._server.sockets[0].getsockname()[:2]
+        # Listening everywhere means an IPv4 and an IPv6 socket: show the IPv4 one, as before.
+        sockets = sorted(self._server.sockets, key=lambda each: each.family != socket.AF_INET)
+        host, port = sockets[0].getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         scheme = "https" if self.web.tls else "http"
         return f"{scheme}://{shown}:{port}"
