@@ -167,6 +167,14 @@ class StatsClient:
             self._inflight.cancel()
         await self._transport.aclose()
 
+    async def retire(self) -> None:
+        """Close once the request in flight, shared by scrapes that wait for it, has ended
+        (by its own deadline at the latest): what a reload does to a replaced target."""
+        inflight = self._inflight
+        if inflight is not None:
+            await asyncio.wait([inflight])
+        await self._transport.aclose()
+
     def _timeout(self, timeout: float) -> FetchError:
         return FetchError("timeout", f"GET {self._where}: no complete answer within {timeout:g}s")
 

@@ -177,6 +177,10 @@ class Connection(asyncio.Protocol):
         self._too_large = 0
         # The request being received.
         self._in_message = False
+        #: Headers complete, the body (if any) is being received.
+        self._in_body = False
+        #: Bytes received since the last request was complete, while in its headers.
+        self._head_bytes = 0
         self._received = 0
         self._url = b""
         self._headers: dict[str, str] = {}
@@ -213,12 +217,26 @@ class Connection(asyncio.Protocol):
         if self._idle:
             # The first byte after an answer: the request deadline starts now.
             self._arm(self._connections.limits.request_timeout)
+        if not self._in_body:
+            # Counted before parsing: a header that never ends would otherwise grow in the
+            # parser's buffer, unchecked, until it did.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEADER_BYTES + MAX_BODY_BYTES:
+                self._refuse(HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             # No protocol upgrade is offered: the request is answered, then the connection ends.
             self._last_request_taken = True
         except httptools.HttpParserError:
+            if self._requests or self._task is not None or self._last_request_taken:
+                # What follows good requests (bytes after a `Connection: close`, or
+                # garbage) ends the connection once they are answered, not before.
+                self._last_request_taken = True
+                if self._transport is not None:
+                    self._transport.pause_reading()
+                return
             self._refuse(HTTPStatus.BAD_REQUEST)
             return
         if self._too_large:
@@ -240,6 +258,9 @@ class Connection(asyncio.Protocol):
             self._stalled = None
 
     # --- httptools callbacks -----------------------------------------------------------
+
+    def on_headers_complete(self) -> None:
+        self._in_body = True
 
     def on_message_begin(self) -> None:
         self._in_message = True
@@ -270,6 +291,8 @@ class Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self._in_message = False
+        self._in_body = False
+        self._head_bytes = 0
         if self._too_large or self._last_request_taken:
             return
         keep_alive = self._parser.should_keep_alive()
@@ -300,7 +323,7 @@ class Connection(asyncio.Protocol):
                 if self._closing:
                     return
                 keep_alive = not (self._last_request_taken and not self._requests)
-                await self._send(response, keep_alive)
+                await self._send(response, keep_alive, head_only=request.method == "HEAD")
                 if self._closing:
                     return
                 if not keep_alive:
@@ -332,16 +355,18 @@ class Connection(asyncio.Protocol):
             lines.append("Connection: close")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
-    def _write(self, response: Response, keep_alive: bool) -> None:
+    def _write(self, response: Response, keep_alive: bool, head_only: bool = False) -> None:
         """A small answer, headers and body in one send: nothing for Nagle to hold."""
         assert self._transport is not None
         chunks = [response.body] if isinstance(response.body, bytes) else response.body
-        self._transport.write(b"".join([self._head(response, chunks, keep_alive), *chunks]))
+        head = self._head(response, chunks, keep_alive)
+        self._transport.write(head if head_only else b"".join([head, *chunks]))
 
-    async def _send(self, response: Response, keep_alive: bool) -> None:
+    async def _send(self, response: Response, keep_alive: bool, head_only: bool) -> None:
         chunks = [response.body] if isinstance(response.body, bytes) else response.body
-        if sum(map(len, chunks)) <= _ONE_WRITE_BYTES:
-            self._write(response, keep_alive)
+        if head_only or sum(map(len, chunks)) <= _ONE_WRITE_BYTES:
+            # An answer to HEAD is the headers GET would get, Content-Length included.
+            self._write(response, keep_alive, head_only)
             return
         # A large answer goes out a slice at a time, as fast as the client takes it: what
         # waits in this process is one slice, never a copy of the whole answer.
@@ -351,8 +376,8 @@ class Connection(asyncio.Protocol):
             view = memoryview(chunk)
             for start in range(0, len(view), _ONE_WRITE_BYTES):
                 await self._writable.wait()
-                if self._closing:
-                    return
+                if self._closing or self._transport.is_closing():
+                    return  # the client left mid-answer: nothing more to write
                 self._transport.write(view[start : start + _ONE_WRITE_BYTES])
 
     def _refuse(self, status: HTTPStatus) -> None:

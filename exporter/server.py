@@ -135,13 +135,15 @@ class _TargetState:
             self.task = asyncio.get_running_loop().create_task(self.tailer.run())
             self.task.add_done_callback(_report_crash)
 
-    async def close(self) -> None:
+    async def close(self, retire: bool = False) -> None:
+        """Stop tailing and release the client; `retire`: let the request in flight, which
+        scrapes may be waiting for, end first (a target replaced by a reload)."""
         if self.task is not None:
             self.task.cancel()
         if self.tailer is not None:
             await self.tailer.close()
         if self.client is not None:
-            await self.client.close()
+            await (self.client.retire() if retire else self.client.close())
 
 
 class Exporter:
@@ -164,6 +166,8 @@ class Exporter:
         self._transport = transport
         self._tail = tail
         self._started = False
+        #: Targets replaced by a reload, closing once their requests in flight end.
+        self._retiring: set[asyncio.Task[None]] = set()
         self._targets = {target.name: self._target_state(target) for target in config.targets}
         self.default_target = config.targets[0].name
         self._process = ProcessMetrics()
@@ -195,7 +199,9 @@ class Exporter:
         """Serve `config` from now on; the names of the targets built anew.
 
         A target whose settings did not change keeps its client (and its keep-alive
-        connections and shared requests), its error counters and its tailer.
+        connections and shared requests), its error counters and its tailer. A replaced
+        one is closed in the background, once its request in flight has ended. Nothing
+        here awaits: a reload is applied whole.
         """
         old = self._targets
         kept_limits = config.limits == self.config.limits
@@ -217,7 +223,10 @@ class Exporter:
         self.default_target = config.targets[0].name
         for name, state in old.items():
             if targets.get(name) is not state:
-                await state.close()
+                # In the background: the reload does not wait for a slow upstream.
+                retiring = asyncio.get_running_loop().create_task(state.close(retire=True))
+                self._retiring.add(retiring)
+                retiring.add_done_callback(self._retiring.discard)
         return rebuilt
 
     def client_for(self, target: str | None) -> StatsClient | None:
@@ -297,6 +306,8 @@ Reads a job stats API once per scrape.</p>
 """.encode()
 
     async def close(self) -> None:
+        for retiring in list(self._retiring):
+            retiring.cancel()
         for state in self._targets.values():
             await state.close()
 
@@ -404,8 +415,10 @@ class MetricsServer:
         old = self.exporter.config
         if (config.log_level, config.log_format) != (old.log_level, old.log_format):
             configure_logging(config.log_level, config.log_format)
-        rebuilt = await self.exporter.reload(config)
+        # No await before the last of these: a reload applies whole, even when the client
+        # that asked for it leaves, and two reloads cannot interleave.
         self.web = web
+        rebuilt = await self.exporter.reload(config)
         log.info(
             "config reloaded",
             extra={
@@ -420,13 +433,21 @@ class MetricsServer:
         try:
             return await self._route(request)
         except asyncio.CancelledError:
-            raise
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the client left: no one to answer
+            # What the request waited on was cancelled, not the request: answer anyway.
+            log.warning("request interrupted", extra={"path": request.target[:200]})
+            return Response(503, b"Interrupted, try again\n", _TEXT)
         except Exception:
             log.exception("request failed on an internal error")
             return Response(500, b"Internal error, see the exporter's log\n", _TEXT)
 
     async def _route(self, request: Request) -> Response:
-        url = urlsplit(request.target)
+        try:
+            url = urlsplit(request.target)
+        except ValueError:
+            return Response(400, b"Bad request target\n", _TEXT)
         path = url.path
         if path not in _OPEN_PATHS and not await self._authorized(
             request.headers.get("authorization")
@@ -446,8 +467,8 @@ class MetricsServer:
                 log.error("reload refused: the config keeps serving", extra={"err": str(error)})
                 return Response(500, f"failed to reload config: {error}\n".encode(), _TEXT)
             return Response(200, b"Reloaded\n", _TEXT)
-        if request.method != "GET":
-            return Response(405, b"Method not allowed\n", _TEXT, {"Allow": "GET"})
+        if request.method not in ("GET", "HEAD"):
+            return Response(405, b"Method not allowed\n", _TEXT, {"Allow": "GET, HEAD"})
         exporter = self.exporter
         if path in ("/metrics", "/probe"):
             target = None

@@ -20,7 +20,10 @@ from typing import Any
 import httpcore
 import httpx
 
-__all__ = ["StreamsTransport"]
+__all__ = ["KEEPALIVE_EXPIRY", "StreamsTransport"]
+
+#: Seconds an idle pooled connection is kept for reuse.
+KEEPALIVE_EXPIRY = 5.0
 
 #: httpcore's errors and the httpx errors httpx's own transport raises for them.
 _ERRORS: tuple[tuple[type[Exception], type[Exception]], ...] = (
@@ -102,14 +105,20 @@ class _Stream(httpcore.AsyncNetworkStream):
 
     def get_extra_info(self, info: str) -> Any:
         if info == "is_readable":
-            # Asked of an idle kept-alive connection: readable means closed or broken.
-            return self._reader.at_eof() or _readable(self._writer.get_extra_info("socket"))
+            # Asked of an idle kept-alive connection: readable means closed or broken, and
+            # a connection the peer reset is both (its socket may be gone already).
+            return (
+                self._writer.transport.is_closing()
+                or self._reader.exception() is not None
+                or self._reader.at_eof()
+                or _readable(self._writer.get_extra_info("socket"))
+            )
         name = {"client_addr": "sockname", "server_addr": "peername"}.get(info, info)
         return self._writer.get_extra_info(name)
 
 
 def _readable(sock: socket.socket | None) -> bool:
-    if sock is None:
+    if sock is None or sock.fileno() < 0:
         return True
     poll = select.poll()
     poll.register(sock.fileno(), select.POLLIN)
@@ -169,6 +178,9 @@ class StreamsTransport(httpx.AsyncBaseTransport):
             ssl_context=ssl_context,
             max_connections=max_connections,
             max_keepalive_connections=max_keepalive,
+            # As httpx's own default: a connection idle longer is not trusted again (a
+            # server may close it at any moment, a request on it would fail).
+            keepalive_expiry=KEEPALIVE_EXPIRY,
             network_backend=_Backend(),
         )
 

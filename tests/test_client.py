@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import socket
+import struct
+import threading
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -213,3 +216,46 @@ def test_a_scrape_at_the_deadline_of_a_request_starts_a_new_one() -> None:
 
     assert asyncio.run(scrapes()).body == b"{}"
     assert answers == 2
+
+
+def test_a_kept_alive_connection_the_upstream_reset_is_not_used_again() -> None:
+    """A load balancer that resets idle connections: the next scrape connects anew."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    reset = threading.Event()
+    accepted: list[int] = []
+
+    def serve() -> None:
+        for _ in range(2):
+            connection, _ = listener.accept()
+            accepted.append(1)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += connection.recv(65536)
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            if len(accepted) == 1:
+                # Kept alive by the client; reset by "the load balancer".
+                connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                connection.close()
+                reset.set()
+            else:
+                connection.close()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+
+    async def scrapes() -> list[bytes]:
+        stats_client = StatsClient(target(f"http://127.0.0.1:{port}/stats"))
+        try:
+            first = await stats_client.fetch(5)
+            await asyncio.to_thread(reset.wait, 5)
+            return [first.body, (await stats_client.fetch(5)).body]
+        finally:
+            await stats_client.close()
+
+    try:
+        assert asyncio.run(scrapes()) == [b"{}", b"{}"]
+    finally:
+        listener.close()
+        server.join(5)
+    assert len(accepted) == 2

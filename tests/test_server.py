@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import json
 import re
 import shutil
 import socket
+import struct
 import subprocess
 import threading
 import time
@@ -429,7 +431,7 @@ def test_a_bad_or_oversized_request_is_refused_and_the_connection_closed(
         assert closed_by_server(connection)
 
 
-@pytest.mark.parametrize(("method", "path"), [("POST", "/metrics"), ("DELETE", "/"), ("HEAD", "/")])
+@pytest.mark.parametrize(("method", "path"), [("POST", "/metrics"), ("DELETE", "/"), ("PUT", "/")])
 def test_other_methods_are_not_allowed(
     running: Callable[..., Running], method: str, path: str
 ) -> None:
@@ -439,7 +441,7 @@ def test_other_methods_are_not_allowed(
         response = connection.getresponse()
         response.read()
         assert response.status == 405
-        assert response.getheader("Allow") == "GET"
+        assert response.getheader("Allow") == "GET, HEAD"
     finally:
         connection.close()
 
@@ -545,3 +547,143 @@ def test_the_listen_backlog_is_4096_not_the_accept_batch(running: Callable[..., 
     ).stdout.split()
     # LISTEN, Recv-Q (waiting now), Send-Q (the backlog), local address, peer address
     assert listing[2] == str(min(4096, int(Path("/proc/sys/net/core/somaxconn").read_text())))
+
+
+# Found in review: each pinned
+
+
+def test_a_header_that_never_ends_is_refused_before_it_grows(
+    running: Callable[..., Running],
+) -> None:
+    with raw_connection(running(enabled)) as connection:
+        with contextlib.suppress(OSError):
+            connection.sendall(b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 300_000)
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := connection.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 431")
+
+
+def test_bytes_after_a_connection_close_request_do_not_lose_its_answer(
+    running: Callable[..., Running],
+) -> None:
+    with raw_connection(running(enabled)) as connection:
+        connection.sendall(
+            b"GET /-/healthy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            b"GET /-/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    assert re.findall(rb"HTTP/1.1 (\d+)", received) == [b"200"]
+    assert received.endswith(b"Healthy\n")
+
+
+def test_garbage_after_a_good_request_ends_the_connection_after_its_answer(
+    running: Callable[..., Running],
+) -> None:
+    with raw_connection(running(enabled)) as connection:
+        connection.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n\x00\x01 NOT HTTP\r\n\r\n")
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    assert re.findall(rb"HTTP/1.1 (\d+)", received) == [b"200"]
+
+
+def test_head_gets_the_headers_of_get_and_no_body(running: Callable[..., Running]) -> None:
+    with raw_connection(running(enabled)) as connection:
+        connection.sendall(
+            b"HEAD /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n"
+            b"GET /-/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    head, _, rest = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"Content-Length: 8" in head
+    # No body after the first headers: the next answer follows at once.
+    assert rest.startswith(b"HTTP/1.1 200")
+    assert rest.endswith(b"Ready\n")
+
+
+def test_a_malformed_request_target_is_400_not_an_internal_error(
+    running: Callable[..., Running], caplog: pytest.LogCaptureFixture
+) -> None:
+    with raw_connection(running(enabled)) as connection:
+        connection.sendall(b"GET http://[x/metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = connection.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert "Traceback" not in caplog.text
+
+
+def big_answer(queues: int) -> Handler:
+    document = {
+        "success": True,
+        "stats": {
+            f"queue-{index:05d}": {
+                "waiting": 1,
+                "active": 0,
+                "completed": 2,
+                "failed": 0,
+                "delayed": 0,
+                "status": "active",
+            }
+            for index in range(queues)
+        },
+    }
+    body = json.dumps(document).encode()
+    return lambda request: httpx.Response(200, content=body)
+
+
+def test_a_client_that_leaves_mid_answer_is_not_written_to_any_more(
+    running: Callable[..., Running], caplog: pytest.LogCaptureFixture
+) -> None:
+    config = Config(api_max_body_size=64 * 1024 * 1024)
+    exporter = running(big_answer(5_000), config)
+    for _ in range(3):
+        connection = socket.socket()
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        connection.connect((exporter.host, exporter.port))
+        connection.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert connection.recv(100).startswith(b"HTTP/1.1 200")
+        # Leave with the answer unread: the kernel resets the connection.
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        connection.close()
+    wait_for(lambda: exporter.server.connections == 0)
+    assert "socket.send() raised exception" not in caplog.text
+
+
+def test_a_scrape_in_flight_when_a_reload_removes_its_target_still_gets_its_answer(
+    running: Callable[..., Running],
+) -> None:
+    from exporter.targets import Target
+
+    released = threading.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await asyncio.to_thread(released.wait, 10)
+        return httpx.Response(200, content=sample_bytes("enabled"))
+
+    def targets(*names: str) -> Config:
+        return Config(
+            configured_targets=tuple(
+                Target(
+                    name=name, url=f"http://api.test/{name}", timeout=10.0, max_body_size=1 << 20
+                )
+                for name in names
+            )
+        )
+
+    exporter = running(slow, targets("a", "b"))
+    answers: list[tuple[int, str, str]] = []
+    scrape = threading.Thread(target=lambda: answers.append(exporter.get("/probe?target=b")))
+    scrape.start()
+    wait_for(lambda: bool(exporter.exporter.client_for("b")._inflight))
+    exporter.run(exporter.exporter.reload(targets("a")))
+    released.set()
+    scrape.join(10)
+    assert [status for status, _, _ in answers] == [200]
+    assert value(answers[0][2], "jobstats_up") == 1
+    assert exporter.get("/probe?target=b")[0] == 400
