@@ -296,6 +296,17 @@ def raw_connection(exporter: Running) -> socket.socket:
     return socket.create_connection((exporter.host, exporter.port), timeout=10)
 
 
+def exchange(exporter: Running, data: bytes) -> bytes:
+    """Send `data` on a new connection; everything received until the server closes it."""
+    received = b""
+    with raw_connection(exporter) as connection:
+        connection.sendall(data)
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := connection.recv(65536):
+                received += chunk
+    return received
+
+
 def closed_by_server(connection: socket.socket) -> bool:
     """True when the server ends the connection (EOF or reset) before the socket's timeout."""
     try:
@@ -395,15 +406,12 @@ def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
 
 def test_pipelined_requests_are_answered_in_order(running: Callable[..., Running]) -> None:
     exporter = running(enabled)
-    with raw_connection(exporter) as connection:
-        connection.sendall(
-            b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n"
-            b"GET /-/ready HTTP/1.1\r\nHost: x\r\n\r\n"
-            b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        received = b""
-        while chunk := connection.recv(65536):
-            received += chunk
+    received = exchange(
+        exporter,
+        b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /-/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
     assert re.findall(rb"HTTP/1.1 (\d+)", received) == [b"200", b"200", b"404"]
     assert received.index(b"Healthy") < received.index(b"Ready")
 
@@ -449,11 +457,7 @@ def test_other_methods_are_not_allowed(
 def test_http_1_0_gets_its_answer_and_the_connection_closes(
     running: Callable[..., Running],
 ) -> None:
-    with raw_connection(running(enabled)) as connection:
-        connection.sendall(b"GET /-/healthy HTTP/1.0\r\n\r\n")
-        received = b""
-        while chunk := connection.recv(65536):
-            received += chunk
+    received = exchange(running(enabled), b"GET /-/healthy HTTP/1.0\r\n\r\n")
     assert received.startswith(b"HTTP/1.1 200 OK")
     assert received.endswith(b"Healthy\n")
 
@@ -568,14 +572,11 @@ def test_a_header_that_never_ends_is_refused_before_it_grows(
 def test_bytes_after_a_connection_close_request_do_not_lose_its_answer(
     running: Callable[..., Running],
 ) -> None:
-    with raw_connection(running(enabled)) as connection:
-        connection.sendall(
-            b"GET /-/healthy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            b"GET /-/ready HTTP/1.1\r\nHost: x\r\n\r\n"
-        )
-        received = b""
-        while chunk := connection.recv(65536):
-            received += chunk
+    received = exchange(
+        running(enabled),
+        b"GET /-/healthy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        b"GET /-/ready HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
     assert re.findall(rb"HTTP/1.1 (\d+)", received) == [b"200"]
     assert received.endswith(b"Healthy\n")
 
@@ -583,23 +584,18 @@ def test_bytes_after_a_connection_close_request_do_not_lose_its_answer(
 def test_garbage_after_a_good_request_ends_the_connection_after_its_answer(
     running: Callable[..., Running],
 ) -> None:
-    with raw_connection(running(enabled)) as connection:
-        connection.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n\x00\x01 NOT HTTP\r\n\r\n")
-        received = b""
-        while chunk := connection.recv(65536):
-            received += chunk
+    received = exchange(
+        running(enabled), b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n\x00\x01 NOT HTTP\r\n\r\n"
+    )
     assert re.findall(rb"HTTP/1.1 (\d+)", received) == [b"200"]
 
 
 def test_head_gets_the_headers_of_get_and_no_body(running: Callable[..., Running]) -> None:
-    with raw_connection(running(enabled)) as connection:
-        connection.sendall(
-            b"HEAD /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n"
-            b"GET /-/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        received = b""
-        while chunk := connection.recv(65536):
-            received += chunk
+    received = exchange(
+        running(enabled),
+        b"HEAD /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"GET /-/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
     head, _, rest = received.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200")
     assert b"Content-Length: 8" in head
