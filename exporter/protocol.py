@@ -73,9 +73,6 @@ class Request:
     target: str
     #: Header names in lower case; a repeated header keeps its last value.
     headers: Mapping[str, str]
-    body: bytes = b""
-    #: False when the client asked to close after the answer (or spoke HTTP/1.0 without it).
-    keep_alive: bool = True
 
 
 @dataclass(slots=True)
@@ -84,6 +81,10 @@ class Response:
     body: bytes | list[bytes | bytearray]
     content_type: str
     headers: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def chunks(self) -> Sequence[bytes | bytearray]:
+        return [self.body] if isinstance(self.body, bytes) else self.body
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -117,8 +118,8 @@ class Connections:
     async def _sweep(self) -> None:
         """Close the connections past their deadline, a few times per shortest timeout.
 
-        One pass over the open connections instead of a timer each: setting up and
-        cancelling a timer per connection and per request cost more than the pass.
+        One pass over the open connections instead of a timer each: a deadline is then a
+        number set per request, with no timer to create and cancel.
         """
         limits = self.limits
         interval = min(SWEEP_INTERVAL, limits.request_timeout / 4, limits.idle_timeout / 4)
@@ -184,7 +185,8 @@ class Connection(asyncio.Protocol):
         self._received = 0
         self._url = b""
         self._headers: dict[str, str] = {}
-        self._body = bytearray()
+        #: Bytes of the body: counted against the cap, not kept (no endpoint reads one).
+        self._body_bytes = 0
 
     # --- asyncio.Protocol --------------------------------------------------------------
 
@@ -267,7 +269,7 @@ class Connection(asyncio.Protocol):
         self._received = 0
         self._url = b""
         self._headers = {}
-        self._body = bytearray()
+        self._body_bytes = 0
 
     def on_url(self, url: bytes) -> None:
         self._received += len(url)
@@ -284,10 +286,9 @@ class Connection(asyncio.Protocol):
         self._headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_body(self, body: bytes) -> None:
-        if len(self._body) + len(body) > MAX_BODY_BYTES:
+        self._body_bytes += len(body)
+        if self._body_bytes > MAX_BODY_BYTES:
             self._too_large = self._too_large or HTTPStatus.REQUEST_ENTITY_TOO_LARGE
-            return
-        self._body += body
 
     def on_message_complete(self) -> None:
         self._in_message = False
@@ -295,17 +296,15 @@ class Connection(asyncio.Protocol):
         self._head_bytes = 0
         if self._too_large or self._last_request_taken:
             return
-        keep_alive = self._parser.should_keep_alive()
         self._requests.append(
             Request(
                 self._parser.get_method().decode("ascii", "replace"),
                 self._url.decode("latin-1"),
                 self._headers,
-                bytes(self._body),
-                keep_alive,
             )
         )
-        self._last_request_taken = not keep_alive
+        # The client asked to close after this answer (or spoke HTTP/1.0 without keep-alive).
+        self._last_request_taken = not self._parser.should_keep_alive()
         self._disarm()
         if self._task is None:
             self._task = self._loop.create_task(self._answer_all())
@@ -358,12 +357,12 @@ class Connection(asyncio.Protocol):
     def _write(self, response: Response, keep_alive: bool, head_only: bool = False) -> None:
         """A small answer, headers and body in one send: nothing for Nagle to hold."""
         assert self._transport is not None
-        chunks = [response.body] if isinstance(response.body, bytes) else response.body
+        chunks = response.chunks
         head = self._head(response, chunks, keep_alive)
         self._transport.write(head if head_only else b"".join([head, *chunks]))
 
     async def _send(self, response: Response, keep_alive: bool, head_only: bool) -> None:
-        chunks = [response.body] if isinstance(response.body, bytes) else response.body
+        chunks = response.chunks
         if head_only or sum(map(len, chunks)) <= _ONE_WRITE_BYTES:
             # An answer to HEAD is the headers GET would get, Content-Length included.
             self._write(response, keep_alive, head_only)
