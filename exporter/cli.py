@@ -164,10 +164,13 @@ Loader = Callable[[], tuple[Config, WebConfig | None]]
 
 def _loader(flags: Mapping[str, str], environ: Mapping[str, str], **overrides: Any) -> Loader:
     """What reads the config (flags, environment, files) and the web config: at start and
-    at each reload. ConfigError or ValueError when they do not pass the check."""
+    at each reload. ConfigError when they do not pass the check."""
 
     def load() -> tuple[Config, WebConfig | None]:
-        config = load_config(flags, environ)
+        try:
+            config = load_config(flags, environ)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         if overrides:
             config = dataclasses.replace(config, **overrides)
         web = load_web_config(config.web_config_file) if config.web_config_file else None
@@ -184,14 +187,8 @@ def _serve(config: Config, web: WebConfig | None, load: Loader, announce: str | 
 async def _serve_until_stopped(
     config: Config, web: WebConfig | None, load: Loader, announce: str | None
 ) -> int:
-    def checked_load() -> tuple[Config, WebConfig | None]:
-        try:
-            return load()
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-
     exporter = Exporter(config)
-    server = MetricsServer(exporter, config.web_listen_address, web, load=checked_load)
+    server = MetricsServer(exporter, config.web_listen_address, web, load=load)
     try:
         await server.start()
     except OSError as error:
@@ -233,11 +230,9 @@ async def _serve_until_stopped(
 
 
 async def _reload(server: MetricsServer) -> None:
-    """SIGHUP: the new config, or one line on why the old one keeps serving."""
-    try:
+    """SIGHUP: the new config, or (logged by the server) the old one keeps serving."""
+    with contextlib.suppress(ConfigError):
         await server.reload()
-    except ConfigError as error:
-        log.error("reload refused: the config keeps serving", extra={"err": str(error)})
 
 
 def raise_open_files_limit() -> None:

@@ -1,9 +1,9 @@
 """Serve /metrics, /probe, the runbooks, a landing page and health endpoints over HTTP/1.1.
 
 One `Exporter` holds what lives between scrapes (one client per target, the
-cron cache, error counters); each scrape gets its own registry, bound to
-that scrape's target and timeout, so /metrics and /probe share one code
-path. /probe only takes the name of a configured target: it never fetches a
+cron cache, error counters, the last answer's memo); each scrape gets its own
+collector, bound to that scrape's target and timeout, so /metrics and /probe
+share one code path. /probe only takes the name of a configured target: it never fetches a
 URL it is given. One asyncio loop serves HTTP (protocol.py), runs the upstream
 requests and the Redis tailers; TLS and basic auth come from the web config
 file. /runbooks serves the alerts' runbooks, so the rules' links resolve
@@ -60,7 +60,7 @@ __all__ = [
 
 #: Seconds kept back from Prometheus' scrape timeout, so our answer arrives before it gives up.
 SCRAPE_TIMEOUT_MARGIN = 0.5
-#: Seconds a client has to finish the TLS handshake and send its request.
+#: Seconds a client has to finish the TLS handshake (then protocol.py's deadlines apply).
 HANDSHAKE_TIMEOUT = 10.0
 #: Connections the kernel may hold for us before they are accepted (it caps this at somaxconn).
 LISTEN_BACKLOG = 4096
@@ -395,11 +395,15 @@ class MetricsServer:
         await self._connections.close(grace)
 
     async def reload(self) -> None:
-        """Re-read the config files and serve them; ConfigError, and nothing changes, when
-        they do not pass the check."""
-        if self._load is None:
-            raise ConfigError("reload: the exporter was not started from config files")
-        config, web = self._load()
+        """Re-read the config files and serve them; ConfigError, logged, and nothing
+        changes, when they do not pass the check."""
+        try:
+            if self._load is None:
+                raise ConfigError("reload: the exporter was not started from config files")
+            config, web = self._load()
+        except ConfigError as error:
+            log.error("reload refused: the config keeps serving", extra={"err": str(error)})
+            raise
         if config.web_listen_address != self.exporter.config.web_listen_address:
             log.warning(
                 "reload: a new web.listen_address takes a restart",
@@ -464,7 +468,6 @@ class MetricsServer:
             try:
                 await self.reload()
             except ConfigError as error:
-                log.error("reload refused: the config keeps serving", extra={"err": str(error)})
                 return Response(500, f"failed to reload config: {error}\n".encode(), _TEXT)
             return Response(200, b"Reloaded\n", _TEXT)
         if request.method not in ("GET", "HEAD"):
