@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import resource
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -40,3 +42,37 @@ def test_the_families_are_prometheus_clients_with_the_same_values() -> None:
 
 def test_without_proc_there_are_no_process_metrics(tmp_path: Path) -> None:
     assert ProcessMetrics(str(tmp_path)).families() == []
+
+
+def open_fds(metrics: ProcessMetrics) -> float:
+    return samples(render_text(metrics.families()))["process_open_fds"][2]
+
+
+def test_open_fds_counts_each_descriptor_without_listing_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    metrics = ProcessMetrics()
+    before = open_fds(metrics)
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(50)]
+    try:
+        # Listing /proc/self/fd costs milliseconds once a flood holds thousands of sockets;
+        # procfs gives the count as the directory's size.
+        with monkeypatch.context() as patched:
+            patched.setattr(os, "listdir", lambda path: pytest.fail(f"listed {path}"))
+            during = open_fds(metrics)
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert during - before == 50
+    assert open_fds(metrics) == before
+
+
+def test_open_fds_lists_the_directory_where_its_size_is_no_count(tmp_path: Path) -> None:
+    (tmp_path / "stat").write_text("btime 1700000000\n")
+    (tmp_path / "self" / "fd").mkdir(parents=True)
+    (tmp_path / "self" / "stat").write_bytes(
+        b"1 (a (b) c) S" + b" 0" * 19 + b" 4096 10" + b" 0" * 20
+    )
+    for fd in range(7):
+        (tmp_path / "self" / "fd" / str(fd)).touch()
+    assert open_fds(ProcessMetrics(str(tmp_path))) == 7
