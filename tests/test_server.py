@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import html
 import http.client
 import json
 import re
@@ -19,11 +20,19 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from exporter.config import Config
 from exporter.protocol import ConnectionLimits
-from exporter.server import Exporter, MetricsServer, scrape_timeout, wants_openmetrics
+from exporter.server import (
+    Exporter,
+    MetricsServer,
+    escape_html,
+    scrape_timeout,
+    wants_openmetrics,
+)
 from exporter.webconfig import WebConfig
 
 from samples import sample_bytes
@@ -187,6 +196,11 @@ def test_keep_alive_serves_many_scrapes_on_one_connection(running: Callable[...,
             assert b"jobstats_up 1.0" in response.read()
     finally:
         connection.close()
+
+
+@given(st.text(alphabet=st.sampled_from("&<>\"'a é\u2028") | st.characters()))
+def test_escape_html_is_html_escape(text: str) -> None:
+    assert escape_html(text) == html.escape(text)
 
 
 def test_landing_page_links_metrics_and_hides_credentials(running: Callable[..., Running]) -> None:
@@ -539,6 +553,28 @@ def test_a_client_that_leaves_its_answers_unread_is_dropped(
             while chunk := connection.recv(65536):
                 received += chunk
     assert 0 < received.count(b"HTTP/1.1 200 OK") < asked
+
+
+def test_a_client_that_reads_late_still_gets_every_answer_whole(
+    running: Callable[..., Running],
+) -> None:
+    exporter = running(enabled, limits=ConnectionLimits(write_stall_timeout=5.0))
+    connection = socket.socket()
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    connection.settimeout(10)
+    connection.connect((exporter.host, exporter.port))
+    asked = 200
+    with connection:
+        connection.sendall(b"GET /runbooks HTTP/1.1\r\nHost: x\r\n\r\n" * (asked - 1))
+        connection.sendall(b"GET /runbooks HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        # Unread for a while: the server's writes pause, then resume as the client reads.
+        time.sleep(0.5)
+        received = b""
+        while chunk := connection.recv(65536):
+            received += chunk
+    page = exporter.server.exporter.runbooks_page
+    assert received.count(b"HTTP/1.1 200 OK") == asked
+    assert received.count(page) == asked
 
 
 def test_the_listen_backlog_is_4096_not_the_accept_batch(running: Callable[..., Running]) -> None:
