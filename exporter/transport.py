@@ -1,120 +1,103 @@
-"""An httpx transport for the stats API: httpcore's pool over asyncio's own streams.
+"""An httpx transport for the stats API: HTTP/1.1 over asyncio's own streams, parsed by h11.
 
-httpx's default transport reaches the network through anyio, whose cancel scopes and
-checkpoints cost more per small request than the rest of the exchange. This one gives
-httpcore (HTTP/1.1 only, parsed by h11) a network backend made of asyncio streams, and
-turns httpcore's errors into httpx's, so the client sees what httpx's own transport
-would give it. It holds no HTTP logic of its own.
+httpx's default transport reaches the network through httpcore and anyio, whose locks,
+cancel scopes and checkpoints cost more per small request than the rest of the
+exchange, and whose asyncio backend alone is 0.9 MiB of a running exporter. This one
+keeps a few kept-alive connections and leaves all of HTTP to h11 (httpcore's own
+HTTP/1.1 parser): it frames the request, parses the answer and says when a connection
+may carry another. The errors are those httpx's own transport raises.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import select
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
-import httpcore
+import h11
 import httpx
 
 __all__ = ["KEEPALIVE_EXPIRY", "StreamsTransport"]
 
-#: Seconds an idle pooled connection is kept for reuse.
+#: Seconds an idle kept-alive connection is trusted for reuse, as httpx's own default: a
+#: server may close an older one at any moment, and a request on it would fail.
 KEEPALIVE_EXPIRY = 5.0
+#: Bytes read from the socket at once.
+_READ_BYTES = 64 * 1024
+_DEFAULT_PORTS = {b"http": 80, b"https": 443}
 
-#: httpcore's errors and the httpx errors httpx's own transport raises for them.
-_ERRORS: tuple[tuple[type[Exception], type[Exception]], ...] = (
-    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
-    (httpcore.ReadTimeout, httpx.ReadTimeout),
-    (httpcore.WriteTimeout, httpx.WriteTimeout),
-    (httpcore.PoolTimeout, httpx.PoolTimeout),
-    (httpcore.ConnectError, httpx.ConnectError),
-    (httpcore.ReadError, httpx.ReadError),
-    (httpcore.WriteError, httpx.WriteError),
-    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
-    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
-    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
-    (httpcore.TimeoutException, httpx.TimeoutException),
-    (httpcore.NetworkError, httpx.NetworkError),
-    (httpcore.ProtocolError, httpx.ProtocolError),
-)
+#: (scheme, host, port)
+Origin = tuple[bytes, str, int]
 
 
-@contextlib.contextmanager
-def _httpx_errors() -> Iterator[None]:
-    try:
-        yield
-    except Exception as error:
-        for theirs, ours in _ERRORS:
-            if isinstance(error, theirs):
-                raise ours(str(error)) from error
-        raise
+class _Connection:
+    """One HTTP/1.1 connection: asyncio's stream pair and h11's state of the exchange."""
 
-
-class _Stream(httpcore.AsyncNetworkStream):
-    """One TCP (or TLS) connection as httpcore reads and writes it."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, origin: Origin, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self.origin = origin
         self._reader = reader
         self._writer = writer
+        self.http = h11.Connection(h11.CLIENT)
+        #: Loop time at which the connection was last put back, idle.
+        self.idle_since = 0.0
 
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+    def still_good(self, now: float) -> bool:
+        """Idle for less than KEEPALIVE_EXPIRY, and not closed or reset by the server
+        meanwhile (an idle connection with something to read is one of those)."""
+        if now - self.idle_since > KEEPALIVE_EXPIRY:
+            return False
+        if (
+            self._writer.transport.is_closing()
+            or self._reader.at_eof()
+            or self._reader.exception() is not None
+        ):
+            return False
+        return not _readable(self._writer.get_extra_info("socket"))
+
+    async def send(self, event: h11.Event, timeout: float | None) -> None:
         try:
-            async with asyncio.timeout(timeout):
-                return await self._reader.read(max_bytes)
-        except TimeoutError:
-            raise httpcore.ReadTimeout("timed out reading") from None
-        except OSError as error:
-            raise httpcore.ReadError(str(error)) from error
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        if not buffer:
+            data = self.http.send(event)
+        except h11.LocalProtocolError as error:
+            raise httpx.LocalProtocolError(str(error)) from error
+        if not data:
             return
         try:
-            self._writer.write(buffer)
+            self._writer.write(data)
             async with asyncio.timeout(timeout):
                 await self._writer.drain()
         except TimeoutError:
-            raise httpcore.WriteTimeout("timed out writing") from None
+            raise httpx.WriteTimeout("timed out writing") from None
         except OSError as error:
-            raise httpcore.WriteError(str(error)) from error
+            raise httpx.WriteError(str(error)) from error
 
-    async def aclose(self) -> None:
-        self._writer.close()
-        with contextlib.suppress(OSError, ssl.SSLError):
-            await self._writer.wait_closed()
+    async def next_event(self, timeout: float | None) -> Any:
+        """h11's next event of the answer, reading as much as that takes."""
+        while True:
+            try:
+                event = self.http.next_event()
+            except h11.RemoteProtocolError as error:
+                raise httpx.RemoteProtocolError(str(error)) from error
+            if event is not h11.NEED_DATA:
+                return event
+            try:
+                async with asyncio.timeout(timeout):
+                    data = await self._reader.read(_READ_BYTES)
+            except TimeoutError:
+                raise httpx.ReadTimeout("timed out reading") from None
+            except OSError as error:
+                raise httpx.ReadError(str(error)) from error
+            # b"" is the end of the stream: h11 then knows whether the answer was whole.
+            self.http.receive_data(data)
 
-    async def start_tls(
-        self,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None = None,
-        timeout: float | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        try:
-            await self._writer.start_tls(
-                ssl_context, server_hostname=server_hostname, ssl_handshake_timeout=timeout
-            )
-        except TimeoutError:
-            raise httpcore.ConnectTimeout("timed out in the TLS handshake") from None
-        except (OSError, ssl.SSLError) as error:
-            raise httpcore.ConnectError(str(error)) from error
-        return self
-
-    def get_extra_info(self, info: str) -> Any:
-        if info == "is_readable":
-            # Asked of an idle kept-alive connection: readable means closed or broken, and
-            # a connection the peer reset is both (its socket may be gone already).
-            return (
-                self._writer.transport.is_closing()
-                or self._reader.exception() is not None
-                or self._reader.at_eof()
-                or _readable(self._writer.get_extra_info("socket"))
-            )
-        name = {"client_addr": "sockname", "server_addr": "peername"}.get(info, info)
-        return self._writer.get_extra_info(name)
+    def close(self) -> None:
+        """At once, with no TLS goodbye to wait for: an HTTP answer is framed, so nothing
+        depends on it, and a server that never answers one cannot hold the exporter."""
+        self._writer.transport.abort()
 
 
 def _readable(sock: socket.socket | None) -> bool:
@@ -125,83 +108,149 @@ def _readable(sock: socket.socket | None) -> bool:
     return bool(poll.poll(0))
 
 
-class _Backend(httpcore.AsyncNetworkBackend):
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        try:
-            async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(
-                    host, port, local_addr=(local_address, 0) if local_address else None
-                )
-        except TimeoutError:
-            raise httpcore.ConnectTimeout("timed out connecting") from None
-        except OSError as error:
-            raise httpcore.ConnectError(str(error)) from error
-        return _Stream(reader, writer)
-
-    async def connect_unix_socket(
-        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
-    ) -> httpcore.AsyncNetworkStream:
-        raise httpcore.ConnectError("unix sockets are not used")
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
-
-
 class _Body(httpx.AsyncByteStream):
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
+    """The answer's body as h11 frames it; closing it puts the connection back."""
+
+    def __init__(
+        self, pool: StreamsTransport, connection: _Connection, timeout: float | None
+    ) -> None:
+        self._pool = pool
+        self._connection = connection
+        self._timeout = timeout
+        self._released = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        with _httpx_errors():
-            async for part in self._stream:
-                yield part
+        while True:
+            event = await self._connection.next_event(self._timeout)
+            if isinstance(event, h11.Data):
+                yield bytes(event.data)
+            elif isinstance(event, h11.EndOfMessage):
+                return
+            else:  # h11 gives nothing else inside an answer's body
+                raise httpx.RemoteProtocolError(f"unexpected {type(event).__name__} in a body")
 
     async def aclose(self) -> None:
-        with _httpx_errors():
-            await self._stream.aclose()
+        if not self._released:
+            self._released = True
+            self._pool.release(self._connection)
 
 
 class StreamsTransport(httpx.AsyncBaseTransport):
-    """httpx's AsyncHTTPTransport for GETs, minus anyio: a keep-alive pool, HTTP/1.1."""
+    """httpx's AsyncHTTPTransport for GETs, minus httpcore and anyio: HTTP/1.1 with a
+    keep-alive pool, on the running loop."""
 
     def __init__(
         self, ssl_context: ssl.SSLContext | None, max_connections: int, max_keepalive: int
     ) -> None:
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context,
-            max_connections=max_connections,
-            max_keepalive_connections=max_keepalive,
-            # As httpx's own default: a connection idle longer is not trusted again (a
-            # server may close it at any moment, a request on it would fail).
-            keepalive_expiry=KEEPALIVE_EXPIRY,
-            network_backend=_Backend(),
-        )
+        self._ssl_context = ssl_context
+        self._max_connections = max_connections
+        self._max_keepalive = max_keepalive
+        self._idle: list[_Connection] = []
+        self._in_use = 0
+        self._closed = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeouts = request.extensions.get("timeout", {})
+        if self._closed:
+            raise httpx.PoolTimeout("the transport is closed")
+        if self._in_use >= self._max_connections:
+            # Scrapes share one request per target: this many at once is a bug, not load.
+            raise httpx.PoolTimeout(f"{self._max_connections} connections in use")
         url = request.url
-        core_request = httpcore.Request(
-            method=request.method.encode("ascii"),
-            url=httpcore.URL(
-                scheme=url.raw_scheme, host=url.raw_host, port=url.port, target=url.raw_path
-            ),
-            headers=request.headers.raw,
-            extensions=request.extensions,
-        )
-        with _httpx_errors():
-            answer = await self._pool.handle_async_request(core_request)
+        origin = (url.raw_scheme, url.host, url.port or _DEFAULT_PORTS.get(url.raw_scheme, 0))
+        self._in_use += 1
+        connection = None
+        try:
+            connection = self._idle_connection(origin) or await self._connect(
+                origin, timeouts.get("connect")
+            )
+            answer = await self._exchange(
+                connection, request, timeouts.get("write"), timeouts.get("read")
+            )
+        except BaseException:
+            self._in_use -= 1
+            if connection is not None:
+                connection.close()
+            raise
         return httpx.Response(
-            status_code=answer.status,
-            headers=answer.headers,
-            stream=_Body(answer.stream),
-            extensions=answer.extensions,
+            status_code=answer.status_code,
+            headers=answer.headers.raw_items(),
+            stream=_Body(self, connection, timeouts.get("read")),
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": answer.reason},
         )
 
+    def _idle_connection(self, origin: Origin) -> _Connection | None:
+        now = asyncio.get_running_loop().time()
+        for connection in reversed(self._idle):
+            if connection.origin != origin:
+                continue
+            self._idle.remove(connection)
+            if connection.still_good(now):
+                return connection
+            connection.close()
+        return None
+
+    async def _connect(self, origin: Origin, timeout: float | None) -> _Connection:
+        scheme, host, port = origin
+        if scheme not in _DEFAULT_PORTS:
+            raise httpx.UnsupportedProtocol(f"unsupported URL scheme {scheme.decode()!r}")
+        context = None
+        if scheme == b"https":
+            context = self._ssl_context or httpx.create_ssl_context()
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(
+                    host, port, ssl=context, server_hostname=host if context else None
+                )
+        except TimeoutError:
+            raise httpx.ConnectTimeout("timed out connecting") from None
+        except OSError as error:  # ssl.SSLError included
+            raise httpx.ConnectError(str(error)) from error
+        return _Connection(origin, reader, writer)
+
+    async def _exchange(
+        self,
+        connection: _Connection,
+        request: httpx.Request,
+        write_timeout: float | None,
+        read_timeout: float | None,
+    ) -> h11.Response:
+        await connection.send(
+            h11.Request(
+                method=request.method, target=request.url.raw_path, headers=request.headers.raw
+            ),
+            write_timeout,
+        )
+        async for chunk in request.stream:  # type: ignore[union-attr]
+            if chunk:
+                await connection.send(h11.Data(data=chunk), write_timeout)
+        await connection.send(h11.EndOfMessage(), write_timeout)
+        while True:
+            event = await connection.next_event(read_timeout)
+            if isinstance(event, h11.Response):
+                return event
+            if not isinstance(event, h11.InformationalResponse):
+                raise httpx.RemoteProtocolError("server disconnected without sending a response")
+
+    def release(self, connection: _Connection) -> None:
+        """Put back a connection whose answer is closed: idle when h11 says it may carry
+        another request, closed when not (its body not read to the end, say)."""
+        self._in_use -= 1
+        http = connection.http
+        if (
+            not self._closed
+            and http.our_state is h11.DONE
+            and http.their_state is h11.DONE
+            and len(self._idle) < self._max_keepalive
+        ):
+            http.start_next_cycle()
+            connection.idle_since = asyncio.get_running_loop().time()
+            self._idle.append(connection)
+        else:
+            connection.close()
+
     async def aclose(self) -> None:
-        await self._pool.aclose()
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            connection.close()

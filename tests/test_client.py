@@ -33,7 +33,9 @@ def target(url: str, max_body_size: int = 5 * 1024 * 1024) -> Target:
 
 @pytest.fixture
 def client() -> Iterator[StatsClient]:
-    stats_client = StatsClient(target(URL, max_body_size=64 * 1024))
+    # respx's routes (those of the test's @respx.mock) answer in place of the network.
+    routes = httpx.MockTransport(respx.mock.async_handler)
+    stats_client = StatsClient(target(URL, max_body_size=64 * 1024), transport=routes)
     yield stats_client
     asyncio.run(stats_client.close())
 
