@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from alerting_stack import poll, prometheus_query, require_tool, running_prometheus
 from samples import sample
 from upstream import (
     HOST,
@@ -1101,4 +1103,70 @@ def test_scrapes_go_on_while_hundreds_of_connections_send_half_a_request(
         finally:
             for connection in flood:
                 connection.close()
+    assert_no_traceback(exporter)
+
+
+def test_prometheus_keeps_scraping_while_a_thousand_connections_send_half_a_request(
+    web_api: FakeStatsApi, tmp_path: Path
+) -> None:
+    """What a reviewer does by hand: Prometheus scrapes every second on its kept-alive
+    connection while a flood holds a thousand more, sent half a request each."""
+    require_tool("prometheus")
+    config = write_config(tmp_path, {"targets": [{"name": "shop", "url": web_api.url}]})
+    prometheus_port = free_port()
+    with running_exporter(config_args(config), tmp_path) as exporter:
+        prometheus_yml = tmp_path / "prometheus.yml"
+        prometheus_yml.write_text(
+            yaml.safe_dump(
+                {
+                    "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
+                    "scrape_configs": [
+                        {
+                            "job_name": "jobstats",
+                            "static_configs": [{"targets": [f"{HOST}:{exporter.port}"]}],
+                        }
+                    ],
+                }
+            )
+        )
+        with running_prometheus(prometheus_yml, tmp_path / "prometheus", prometheus_port):
+
+            def scraped() -> list[dict[str, Any]]:
+                return prometheus_query(prometheus_port, 'jobstats_up{job="jobstats"} == 1')
+
+            poll(scraped, bool, PATIENCE, "Prometheus to scrape the exporter")
+            flood: list[socket.socket] = []
+            try:
+                for _ in range(1000):
+                    connection = socket.create_connection((HOST, exporter.port), PATIENCE)
+                    connection.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                    flood.append(connection)
+                # Five scrape intervals with the flood held (the request deadline is 10 s).
+                flooded_at = time.time()
+                time.sleep(5.5)
+                window = f"[{time.time() - flooded_at:.0f}s]"
+                # The exporter holds the flood's sockets (accepted, waiting for the rest).
+                held = len(list(Path(f"/proc/{exporter.pid}/fd").iterdir()))
+                samples = prometheus_query(
+                    prometheus_port, f'count_over_time(up{{job="jobstats"}}{window})'
+                )
+                worst = prometheus_query(
+                    prometheus_port, f'min_over_time(up{{job="jobstats"}}{window})'
+                )
+                slowest = prometheus_query(
+                    prometheus_port,
+                    f'max_over_time(scrape_duration_seconds{{job="jobstats"}}{window})',
+                )
+                answered = prometheus_query(
+                    prometheus_port, f'min_over_time(jobstats_up{{job="jobstats"}}{window})'
+                )
+            finally:
+                for connection in flood:
+                    connection.close()
+    assert held >= 1000
+    assert float(samples[0]["value"][1]) >= 4
+    assert float(worst[0]["value"][1]) == 1
+    assert float(answered[0]["value"][1]) == 1
+    # Prometheus' scrape timeout is 1 s here; the scrapes stay far from it.
+    assert float(slowest[0]["value"][1]) < 0.5
     assert_no_traceback(exporter)
