@@ -534,15 +534,20 @@ def test_a_reload_keeps_the_tailer_and_client_of_an_unchanged_target_and_closes_
     asyncio.run(reloads())
 
 
-def test_a_client_that_leaves_its_answers_unread_is_dropped(
-    running: Callable[..., Running],
-) -> None:
-    exporter = running(enabled, limits=ConnectionLimits(write_stall_timeout=0.3))
+def small_window_connection(exporter: Running) -> socket.socket:
+    """A connection whose client takes 4 KiB at a time: the server's writes back up."""
     connection = socket.socket()
     connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     connection.settimeout(10)
     connection.connect((exporter.host, exporter.port))
-    with connection:
+    return connection
+
+
+def test_a_client_that_leaves_its_answers_unread_is_dropped(
+    running: Callable[..., Running],
+) -> None:
+    exporter = running(enabled, limits=ConnectionLimits(write_stall_timeout=0.3))
+    with small_window_connection(exporter) as connection:
         asked = 200
         connection.sendall(b"GET /runbooks HTTP/1.1\r\nHost: x\r\n\r\n" * asked)
         wait_for(lambda: exporter.server.connections == 1)
@@ -559,12 +564,8 @@ def test_a_client_that_reads_late_still_gets_every_answer_whole(
     running: Callable[..., Running],
 ) -> None:
     exporter = running(enabled, limits=ConnectionLimits(write_stall_timeout=5.0))
-    connection = socket.socket()
-    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    connection.settimeout(10)
-    connection.connect((exporter.host, exporter.port))
     asked = 200
-    with connection:
+    with small_window_connection(exporter) as connection:
         connection.sendall(b"GET /runbooks HTTP/1.1\r\nHost: x\r\n\r\n" * (asked - 1))
         connection.sendall(b"GET /runbooks HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         # Unread for a while: the server's writes pause, then resume as the client reads.
