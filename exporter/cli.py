@@ -202,8 +202,9 @@ async def _serve_until_stopped(
     await exporter.start()
     # What start-up made (modules, classes, the config) lasts as long as the process: kept
     # out of the collector's passes, each pass visits only what came later. Under a flood
-    # of connections a full pass then stalls every scrape for less. (A start-up object
-    # that a reload drops is still freed by its reference count.)
+    # of connections a full pass then stalls every scrape for less. (A start-up object a
+    # reload drops is still freed by its reference count; one in a reference cycle stays,
+    # once, as only start-up's objects are frozen.)
     gc.collect()
     gc.freeze()
     loop = asyncio.get_running_loop()

@@ -151,8 +151,6 @@ class StreamsTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         timeouts = request.extensions.get("timeout", {})
-        if self._closed:
-            raise httpx.PoolTimeout("the transport is closed")
         if self._in_use >= self._max_connections:
             # Scrapes share one request per target: this many at once is a bug, not load.
             raise httpx.PoolTimeout(f"{self._max_connections} connections in use")
@@ -250,6 +248,8 @@ class StreamsTransport(httpx.AsyncBaseTransport):
             connection.close()
 
     async def aclose(self) -> None:
+        """Close the idle connections, and each in use once its answer is closed. (A request
+        made after still works, on a connection of its own, as with httpcore's pool.)"""
         self._closed = True
         idle, self._idle = self._idle, []
         for connection in idle:
