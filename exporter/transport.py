@@ -27,6 +27,7 @@ __all__ = ["KEEPALIVE_EXPIRY", "StreamsTransport"]
 KEEPALIVE_EXPIRY = 5.0
 #: Bytes read from the socket at once.
 _READ_BYTES = 64 * 1024
+_MAX_HEAD_BYTES = 100 * 1024
 _DEFAULT_PORTS = {b"http": 80, b"https": 443}
 
 #: (scheme, host, port)
@@ -42,7 +43,9 @@ class _Connection:
         self.origin = origin
         self._reader = reader
         self._writer = writer
-        self.http = h11.Connection(h11.CLIENT)
+        # A head (status line and headers) of up to 100 KiB, as httpcore allows: h11's own
+        # default, 16 KiB, would refuse a long cookie depending on how the bytes arrive.
+        self.http = h11.Connection(h11.CLIENT, max_incomplete_event_size=_MAX_HEAD_BYTES)
         #: Loop time at which the connection was last put back, idle.
         self.idle_since = 0.0
 
@@ -155,7 +158,10 @@ class StreamsTransport(httpx.AsyncBaseTransport):
             # Scrapes share one request per target: this many at once is a bug, not load.
             raise httpx.PoolTimeout(f"{self._max_connections} connections in use")
         url = request.url
-        origin = (url.raw_scheme, url.host, url.port or _DEFAULT_PORTS.get(url.raw_scheme, 0))
+        # The host as httpx encodes it (IDNA 2008, as in the Host header), not as Python's
+        # idna codec (2003) would encode url.host: for straße.de, another host.
+        host = url.raw_host.decode("ascii")
+        origin = (url.raw_scheme, host, url.port or _DEFAULT_PORTS.get(url.raw_scheme, 0))
         self._in_use += 1
         connection = None
         try:
@@ -213,12 +219,13 @@ class StreamsTransport(httpx.AsyncBaseTransport):
         write_timeout: float | None,
         read_timeout: float | None,
     ) -> h11.Response:
-        await connection.send(
-            h11.Request(
+        try:
+            head = h11.Request(
                 method=request.method, target=request.url.raw_path, headers=request.headers.raw
-            ),
-            write_timeout,
-        )
+            )
+        except h11.LocalProtocolError as error:  # a header value h11 refuses to send
+            raise httpx.LocalProtocolError(str(error)) from error
+        await connection.send(head, write_timeout)
         async for chunk in request.stream:  # type: ignore[union-attr]
             if chunk:
                 await connection.send(h11.Data(data=chunk), write_timeout)
@@ -232,13 +239,15 @@ class StreamsTransport(httpx.AsyncBaseTransport):
 
     def release(self, connection: _Connection) -> None:
         """Put back a connection whose answer is closed: idle when h11 says it may carry
-        another request, closed when not (its body not read to the end, say)."""
+        another request, closed when not (its body not read to the end, say), or when the
+        server sent more than the answer (those bytes would be read as the next one)."""
         self._in_use -= 1
         http = connection.http
         if (
             not self._closed
             and http.our_state is h11.DONE
             and http.their_state is h11.DONE
+            and not http.trailing_data[0]
             and len(self._idle) < self._max_keepalive
         ):
             http.start_next_cycle()

@@ -15,7 +15,7 @@ import respx
 
 from exporter.client import Fetched, StatsClient, redact_url
 from exporter.errors import FetchError, ParseError
-from exporter.targets import Target
+from exporter.targets import Secret, Target
 
 from samples import sample_bytes
 
@@ -261,3 +261,23 @@ def test_a_kept_alive_connection_the_upstream_reset_is_not_used_again() -> None:
         listener.close()
         server.join(5)
     assert len(accepted) == 2
+
+
+def test_a_token_the_http_parser_refuses_fails_the_scrape_without_showing_it() -> None:
+    """A bearer token ending in a space (h11 refuses such a header value): a failed scrape
+    that names the kind of error, never a traceback or the token."""
+    listener = socket.create_server(("127.0.0.1", 0))  # the kernel accepts for it
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}/stats"
+    token = Secret("variable TOKEN", value="tok3n ")
+    stats_client = StatsClient(
+        Target(name="test", url=url, timeout=5.0, max_body_size=1024, bearer_token=token)
+    )
+    try:
+        with pytest.raises(FetchError) as caught:
+            fetch(stats_client, 2)
+    finally:
+        asyncio.run(stats_client.close())
+        listener.close()
+    assert caught.value.reason == "connect"
+    assert "LocalProtocolError" in str(caught.value)
+    assert "tok3n" not in str(caught.value)

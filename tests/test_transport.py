@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -17,9 +18,9 @@ import pytest
 from exporter import transport as transport_module
 from exporter.transport import StreamsTransport
 
-#: What the server does with one request on one connection: the bytes to send back, or
-#: None to close the connection without answering.
-Answer = Callable[[int, bytes], bytes | None]
+#: What the server does with one request on one connection: the bytes to send back (a
+#: list: sent a part at a time, 0.1 s apart), or None to close without answering.
+Answer = Callable[[int, bytes], bytes | list[bytes] | None]
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
 
@@ -75,7 +76,10 @@ class RawServer:
                 reply = self._answer(self.requests, request)
                 if reply is None:
                     return
-                connection.sendall(reply)
+                for part in [reply] if isinstance(reply, bytes) else reply:
+                    connection.sendall(part)
+                    if part is not reply:
+                        time.sleep(0.1)
                 if self._close_after:
                     return
 
@@ -193,6 +197,51 @@ def test_a_body_left_unread_closes_its_connection(serve: Serve) -> None:
 
     assert asyncio.run(leave_one_unread()) == 300_000
     assert server.connections == 2
+
+
+def test_bytes_past_the_answer_are_not_read_as_the_next_one(serve: Serve) -> None:
+    stale = b'HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n"stale"'
+    server = serve(lambda number, request: OK + stale if number == 1 else OK)
+    assert run_gets(server.url(), 2) == [b"{}"] * 2
+    assert server.connections == 2
+
+
+def test_a_long_header_arriving_in_pieces_is_read(serve: Serve) -> None:
+    cookie = b"Set-Cookie: a=" + b"x" * 20_000 + b"\r\n"
+    server = serve(
+        lambda _, request: [b"HTTP/1.1 200 OK\r\n" + cookie[:18_000], cookie[18_000:] + OK[17:]]
+    )
+    assert run_gets(server.url(), 1) == [b"{}"]
+
+
+def test_a_header_value_h11_refuses_is_an_httpx_error_not_a_crash(serve: Serve) -> None:
+    server = serve(lambda _, request: OK)
+
+    async def send() -> None:
+        pool = StreamsTransport(None, max_connections=4, max_keepalive=2)
+        request = get(server.url())
+        request.headers["Authorization"] = "Bearer tok3n "  # a trailing space
+        try:
+            await pool.handle_async_request(request)
+        finally:
+            await pool.aclose()
+
+    with pytest.raises(httpx.LocalProtocolError):
+        asyncio.run(send())
+
+
+def test_the_host_is_reached_as_httpx_encodes_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    reached: list[str] = []
+
+    async def open_connection(host: str, port: int, **options: object) -> None:
+        reached.append(host)
+        raise OSError("not here")
+
+    monkeypatch.setattr(transport_module.asyncio, "open_connection", open_connection)
+    with pytest.raises(httpx.ConnectError):
+        run_gets("http://straße.test/stats", 1)
+    # IDNA 2008, as in httpx's Host header; Python's idna codec would say strasse.test.
+    assert reached == ["xn--strae-oqa.test"]
 
 
 def test_a_connection_idle_too_long_is_not_used_again(
