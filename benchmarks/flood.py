@@ -32,6 +32,8 @@ from harness import HOST, ExporterProcess, percentile
 HALF_REQUEST = b"GET /metrics HTTP/1.1\r\nHost: x\r\n"
 SCRAPE_P99_TARGET = 0.100
 RSS_TARGET = 100 * 1024 * 1024
+#: Seconds the flood client's process has to start flooding.
+CLIENT_START_TIMEOUT = 30.0
 #: Scrapes before the flood, not counted.
 WARMUP_SCRAPES = 3
 #: Seconds between two scrapes on new connections during the flood.
@@ -88,7 +90,9 @@ class FloodResult:
     serving_after: bool
 
 
-async def _flood(plan: FloodPlan, port: int, report: FloodClientReport, connected: Event) -> None:
+async def _flood(
+    plan: FloodPlan, port: int, report: FloodClientReport, flooding: Event, connected: Event
+) -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
     accept_deadline = started + plan.accept_within
@@ -125,6 +129,7 @@ async def _flood(plan: FloodPlan, port: int, report: FloodClientReport, connecte
             writer.transport.abort()
 
     holders = [asyncio.create_task(hold(index)) for index in range(plan.connections)]
+    flooding.set()
     try:
         # Every connect is bounded by accept_deadline; the extra second is for the stragglers.
         with suppress(TimeoutError):
@@ -140,13 +145,15 @@ async def _flood(plan: FloodPlan, port: int, report: FloodClientReport, connecte
         await asyncio.gather(*holders, return_exceptions=True)
 
 
-def _run_flood_client(plan: FloodPlan, port: int, results: Connection, connected: Event) -> None:
+def _run_flood_client(
+    plan: FloodPlan, port: int, results: Connection, flooding: Event, connected: Event
+) -> None:
     """The flood client's process: its open-files soft limit raised to the hard one."""
     report = FloodClientReport()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     report.soft_limit = hard
-    asyncio.run(_flood(plan, port, report, connected))
+    asyncio.run(_flood(plan, port, report, flooding, connected))
     report.finished = True
     results.send(report)
 
@@ -237,11 +244,12 @@ def run_flood(
     """Flood `exporter` as `plan` says while scraping `path` on new connections."""
     # Spawned, not forked: this process runs threads (the upstream server's).
     context = multiprocessing.get_context("spawn")
+    flooding = context.Event()
     connected = context.Event()
     results, sending_end = context.Pipe(duplex=False)
     client = context.Process(
         target=_run_flood_client,
-        args=(plan, exporter.port, sending_end, connected),
+        args=(plan, exporter.port, sending_end, flooding, connected),
         name="flood-client",
         daemon=True,
     )
@@ -249,13 +257,16 @@ def run_flood(
     # here): the flood is not what they would time.
     for _ in range(WARMUP_SCRAPES):
         scrape_on_new_connection(exporter.port, path, headers)
-    readings = _ServerReadings(exporter)
     latencies: list[float] = []
     failures = 0
     report: FloodClientReport | None = None
     client.start()
     sending_end.close()
     try:
+        # The clock starts with the flood, not with the client's process: a spawned Python
+        # takes a while to import, and scrapes meanwhile would time no flood.
+        flooding.wait(CLIENT_START_TIMEOUT)
+        readings = _ServerReadings(exporter)
         started = time.monotonic()
         # Scrape while the flood holds: until every connect has returned and enough scrapes
         # are taken, never past the accept deadline plus the scrapes' own time.
@@ -360,7 +371,8 @@ def flood_section(result: FloodResult) -> list[str]:
         "without the blank line that ends them, then reading until the server closes. A",
         "connection counts as accepted once the exporter holds its socket (/proc/<pid>/fd and",
         f"/proc/<pid>/net/tcp, read every {SOCKET_READING_INTERVAL:g} s): connect() returns as",
-        "soon as the kernel has queued it. Meanwhile, a scrape on a new connection every",
+        "soon as the kernel has queued it. Times count from the client's first connect.",
+        "Meanwhile, a scrape on a new connection every",
         f"{SCRAPE_INTERVAL * 1000:.0f} ms (failed after {SCRAPE_TIMEOUT:g} s, or without"
         f" `jobstats_up 1`). {plan.closed_after:g} s after the",
         "last connect returned, the client counts the connections the server has closed.",
