@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import errno
 import logging
 import math
+import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -26,6 +29,7 @@ __all__ = [
     "IDLE_TIMEOUT",
     "MAX_CONNECTIONS",
     "REQUEST_TIMEOUT",
+    "Acceptor",
     "Connection",
     "ConnectionLimits",
     "Connections",
@@ -56,6 +60,13 @@ RECEIVE_BUFFER_BYTES = 64 * 1024
 SWEEP_INTERVAL = 0.5
 #: Seconds between two log lines about refused connections.
 _REFUSED_LOG_INTERVAL = 60.0
+#: Connections taken off a listening socket per turn of the loop, at most: accept() only.
+ACCEPT_BATCH = 256
+#: Accepted connections set up per turn of the loop, newest first.
+SETUP_BATCH = 16
+#: Seconds accepting pauses when the process is out of file descriptors (as asyncio does).
+ACCEPT_RETRY_DELAY = 1.0
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 log = logging.getLogger("jobstats_exporter")
 
@@ -157,6 +168,130 @@ class Connections:
             await asyncio.sleep(0.02)
         for connection in list(self.open):
             connection.abort()
+
+
+class Acceptor:
+    """Takes connections off the listening sockets as fast as the kernel queues them, and
+    sets them up newest first.
+
+    asyncio's own accepting sets each connection up (a task, a transport) before it takes
+    the next: under a flood of 5,000, a scrape's connection waited behind every one the
+    kernel had queued before it, 100 ms and more. Here accepting is accept() alone, so the
+    kernel's queue empties at once into a list, and SETUP_BATCH connections a turn are set
+    up from its end: the newest (a scraper's, say) first, the flood that has been waiting
+    after. Those that waited past the request deadline are closed, never set up, so a
+    flood that never ends cannot keep the oldest for ever. The cap on connections counts
+    those waiting too.
+    """
+
+    def __init__(
+        self,
+        connections: Connections,
+        ssl_context: ssl.SSLContext | None = None,
+        handshake_timeout: float | None = None,
+    ) -> None:
+        self._connections = connections
+        self._ssl_context = ssl_context
+        self._handshake_timeout = handshake_timeout
+        self._listeners: list[socket.socket] = []
+        #: Accepted, not yet set up: (socket, loop time accepted), oldest first.
+        self._waiting: deque[tuple[socket.socket, float]] = deque()
+        self._setting_up = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def start(self, listening: Sequence[socket.socket]) -> None:
+        """Accept on each of `listening` (bound and listening sockets this object owns)."""
+        self._loop = asyncio.get_running_loop()
+        for listener in listening:
+            listener.setblocking(False)
+            self._listeners.append(listener)
+            self._loop.add_reader(listener.fileno(), self._accept, listener)
+
+    def close(self) -> None:
+        """Stop accepting; close the listening sockets and the connections not set up."""
+        for listener in self._listeners:
+            if self._loop is not None and listener.fileno() >= 0:
+                self._loop.remove_reader(listener.fileno())
+            listener.close()
+        self._listeners.clear()
+        for waiting, _ in self._waiting:
+            waiting.close()
+        self._waiting.clear()
+
+    def _accept(self, listener: socket.socket) -> None:
+        assert self._loop is not None
+        connections = self._connections
+        cap = connections.limits.max_connections
+        now = self._loop.time()
+        for _ in range(ACCEPT_BATCH):
+            try:
+                accepted, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            except ConnectionAbortedError:
+                continue  # the client left before it was taken
+            except OSError as error:
+                if error.errno not in _OUT_OF_RESOURCES:
+                    raise
+                self._pause(listener, error)
+                break
+            if len(connections.open) + len(self._waiting) >= cap:
+                accepted.close()
+                connections.refuse()
+                continue
+            accepted.setblocking(False)
+            self._waiting.append((accepted, now))
+        if self._waiting and not self._setting_up:
+            self._setting_up = True
+            self._loop.call_soon(self._set_up)
+
+    def _pause(self, listener: socket.socket, error: OSError) -> None:
+        """Out of file descriptors: the connections stay in the kernel's queue meanwhile."""
+        assert self._loop is not None
+        log.error(
+            "cannot accept connections: retrying in a second",
+            extra={"err": error.strerror or str(error)},
+        )
+        self._loop.remove_reader(listener.fileno())
+        self._loop.call_later(ACCEPT_RETRY_DELAY, self._resume, listener)
+
+    def _resume(self, listener: socket.socket) -> None:
+        if self._loop is not None and listener in self._listeners:
+            self._loop.add_reader(listener.fileno(), self._accept, listener)
+
+    def _set_up(self) -> None:
+        assert self._loop is not None
+        waiting = self._waiting
+        # The oldest first: a flood that never ends would otherwise keep them for ever.
+        stale_before = self._loop.time() - self._connections.limits.request_timeout
+        while waiting and waiting[0][1] < stale_before:
+            waiting.popleft()[0].close()  # waited past the request deadline: not served
+        for _ in range(min(SETUP_BATCH, len(waiting))):
+            accepted, _ = waiting.pop()
+            task = self._loop.create_task(self._connect(accepted))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if self._waiting:
+            self._loop.call_soon(self._set_up)
+        else:
+            self._setting_up = False
+
+    async def _connect(self, accepted: socket.socket) -> None:
+        assert self._loop is not None
+        try:
+            await self._loop.connect_accepted_socket(
+                self._connections.protocol,
+                accepted,
+                ssl=self._ssl_context,
+                ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None,
+            )
+        except (OSError, TimeoutError):  # a TLS handshake that failed or never came
+            accepted.close()
 
 
 class Connection(asyncio.BufferedProtocol):

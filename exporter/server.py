@@ -40,7 +40,7 @@ from .errors import ConfigError
 from .exposition import openmetrics
 from .logs import configure_logging
 from .process import ProcessMetrics
-from .protocol import ConnectionLimits, Connections, Request, Response
+from .protocol import Acceptor, ConnectionLimits, Connections, Request, Response
 from .schedule import CronSchedules
 from .targets import Target
 from .webconfig import WebConfig
@@ -62,8 +62,6 @@ SCRAPE_TIMEOUT_MARGIN = 0.5
 HANDSHAKE_TIMEOUT = 10.0
 #: Connections the kernel may hold for us before they are accepted (it caps this at somaxconn).
 LISTEN_BACKLOG = 4096
-#: Connections accepted per turn of the event loop at most.
-ACCEPT_BATCH = 64
 _TEXT = "text/plain; charset=utf-8"
 _HTML = "text/html; charset=utf-8"
 #: What html.escape replaces, as a table: the html package, whose entity tables load with
@@ -363,27 +361,30 @@ class MetricsServer:
         self._load = load
         self._connections = Connections(self._handle, f"jobstats-exporter/{__version__}", limits)
         self._server: asyncio.Server | None = None
+        self._acceptor: Acceptor | None = None
 
     async def start(self) -> None:
         """Listen; OSError when the address cannot be had."""
         host, port = parse_listen_address(self.address)
+        ssl_context = self.web.ssl_context() if self.web.tls else None
+        # asyncio makes the listening sockets (resolving the host, IPv4 and IPv6 where it
+        # is empty) but does not accept on them: the Acceptor does, newest first.
         self._server = await asyncio.get_running_loop().create_server(
             self._connections.protocol,
             host or None,
             port,
             family=socket.AF_INET6 if ":" in host else socket.AF_UNSPEC,
-            # asyncio accepts up to `backlog` connections per turn of the loop, and sets
-            # up each before anything else runs: a flood would stall the scrapes.
-            backlog=ACCEPT_BATCH,
-            ssl=self.web.ssl_context() if self.web.tls else None,
-            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if self.web.tls else None,
             reuse_address=True,
+            start_serving=False,
         )
+        listeners = []
         for listening in self._server.sockets:
-            # The kernel's queue of connections not yet accepted is longer: listen again
-            # on a duplicate of the socket (asyncio's wrapper does not offer listen()).
-            with socket.fromfd(listening.fileno(), listening.family, listening.type) as same:
-                same.listen(LISTEN_BACKLOG)
+            # A duplicate of each: asyncio's wrapper offers neither accept() nor listen().
+            listener = socket.fromfd(listening.fileno(), listening.family, listening.type)
+            listener.listen(LISTEN_BACKLOG)
+            listeners.append(listener)
+        self._acceptor = Acceptor(self._connections, ssl_context, HANDSHAKE_TIMEOUT)
+        self._acceptor.start(listeners)
 
     @property
     def url(self) -> str:
@@ -402,6 +403,8 @@ class MetricsServer:
 
     async def close(self, grace: float = 5.0) -> None:
         """Stop listening; let requests in progress finish within `grace` seconds."""
+        if self._acceptor is not None:
+            self._acceptor.close()
         if self._server is not None:
             self._server.close()
         await self._connections.close(grace)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import html
 import http.client
 import json
@@ -24,8 +25,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from exporter import protocol
 from exporter.config import Config
-from exporter.protocol import ConnectionLimits
+from exporter.protocol import Acceptor, ConnectionLimits, Connections, Request, Response
 from exporter.server import (
     Exporter,
     MetricsServer,
@@ -576,6 +578,132 @@ def test_a_client_that_reads_late_still_gets_every_answer_whole(
     page = exporter.server.exporter.runbooks_page
     assert received.count(b"HTTP/1.1 200 OK") == asked
     assert received.count(page) == asked
+
+
+def hold_the_loop(exporter: Running, seconds: float) -> None:
+    """Keep the exporter's loop busy for `seconds` (as a burst of work would), from now."""
+    holding = threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        time.sleep(seconds)
+
+    exporter.loop.call_soon_threadsafe(hold)
+    assert holding.wait(5)
+
+
+def test_under_a_backlog_the_newest_connection_is_served_first(
+    running: Callable[..., Running],
+) -> None:
+    exporter = running(enabled)
+    flood: list[socket.socket] = []
+    try:
+        hold_the_loop(exporter, 1.0)
+        # Queued in the kernel meanwhile: 400 half requests, then one whole.
+        for _ in range(400):
+            connection = socket.create_connection((exporter.host, exporter.port), timeout=10)
+            connection.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+            flood.append(connection)
+        with socket.create_connection((exporter.host, exporter.port), timeout=10) as scrape:
+            scrape.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = scrape.recv(65536)
+            set_up_by_then = exporter.server.connections
+    finally:
+        for connection in flood:
+            connection.close()
+    assert answer.startswith(b"HTTP/1.1 200 OK")
+    # Oldest first, all 400 would have been set up before it.
+    assert set_up_by_then < 200
+
+
+def test_connections_left_waiting_past_the_request_deadline_are_closed_unserved(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(protocol, "SETUP_BATCH", 2)
+
+    async def handle(request: Request) -> Response:
+        return Response(200, b"ok\n", "text/plain")
+
+    async def flood() -> tuple[int, int, int]:
+        loop = asyncio.get_running_loop()
+        ahead = 0.0
+        clock = loop.time
+        monkeypatch.setattr(loop, "time", lambda: clock() + ahead)
+        connections = Connections(handle, "test", ConnectionLimits(request_timeout=1.0))
+        acceptor = Acceptor(connections)
+        listener = socket.create_server(("127.0.0.1", 0), backlog=100)
+        clients = [socket.create_connection(listener.getsockname()[:2]) for _ in range(40)]
+        try:
+            acceptor.start([listener])
+            while acceptor.waiting == 0:
+                await asyncio.sleep(0)
+            ahead = 5.0  # all those accepted are now past the deadline
+            while acceptor.waiting:
+                await asyncio.sleep(0.01)
+            closed = 0
+            for client in clients:
+                client.settimeout(5)
+                client.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                with contextlib.suppress(ConnectionResetError):
+                    closed += client.recv(100) == b""
+            return len(connections.open), closed, acceptor.waiting
+        finally:
+            acceptor.close()
+            await connections.close(0)
+            for client in clients:
+                client.close()
+
+    served, closed, waiting = asyncio.run(flood())
+    assert served <= 4  # set up before the deadline passed: two a turn
+    assert closed == 40 - served
+    assert waiting == 0
+
+
+def test_out_of_file_descriptors_accepting_pauses_and_resumes(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(protocol, "ACCEPT_RETRY_DELAY", 0.2)
+
+    class Exhausted(socket.socket):
+        """A listening socket whose first accept() finds no file descriptor left."""
+
+        failed = False
+
+        def accept(self) -> tuple[socket.socket, Any]:
+            if not Exhausted.failed:
+                Exhausted.failed = True
+                raise OSError(errno.EMFILE, "Too many open files")
+            return super().accept()
+
+    async def handle(request: Request) -> Response:
+        return Response(200, b"ok\n", "text/plain")
+
+    async def accept_after_the_pause() -> bytes:
+        connections = Connections(handle, "test", ConnectionLimits())
+        acceptor = Acceptor(connections)
+        listener = Exhausted(socket.AF_INET, socket.SOCK_STREAM)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        try:
+            acceptor.start([listener])
+            reader, writer = await asyncio.open_connection(*listener.getsockname()[:2])
+            try:
+                writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                async with asyncio.timeout(5):
+                    return await reader.read()
+            finally:
+                writer.close()
+                await writer.wait_closed()
+        finally:
+            acceptor.close()
+            await connections.close(0)
+
+    with caplog.at_level("ERROR", logger="jobstats_exporter"):
+        answer = asyncio.run(accept_after_the_pause())
+    assert answer.startswith(b"HTTP/1.1 200 OK")
+    assert [r.getMessage() for r in caplog.records] == [
+        "cannot accept connections: retrying in a second"
+    ]
 
 
 def test_the_listen_backlog_is_4096_not_the_accept_batch(running: Callable[..., Running]) -> None:
