@@ -1,7 +1,8 @@
 """HTTP/1.1 connections on asyncio: httptools parses, this module keeps the deadlines.
 
-One `Connection` per client socket answers its requests one at a time, in order,
-through the caller's `handle(Request) -> Response`. A client has
+The `Acceptor` takes connections off the listening sockets and sets them up newest
+first. One `Connection` per client socket answers its requests one at a time, in
+order, through the caller's `handle(Request) -> Response`. A client has
 `REQUEST_TIMEOUT` seconds to send a complete request, an idle keep-alive
 connection is closed after `IDLE_TIMEOUT`, and past `max_connections` a new
 connection is closed at once. It knows nothing of metrics, and parses nothing
