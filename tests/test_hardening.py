@@ -753,28 +753,27 @@ def web_api() -> Iterator[FakeStatsApi]:
         yield api
 
 
+def write_web_config(folder: Path, ca: trustme.CA, tls: Mapping[str, str], **settings: Any) -> Path:
+    """web-config.yml in `folder`: TLS with a server certificate for HOST from `ca` (and
+    the `tls` settings besides), and any other top-level `settings`."""
+    certificate = ca.issue_cert(HOST)
+    certificate.cert_chain_pems[0].write_to_path(str(folder / "server.crt"))
+    certificate.private_key_pem.write_to_path(str(folder / "server.key"))
+    server = {"cert_file": str(folder / "server.crt"), "key_file": str(folder / "server.key")}
+    web_config = folder / "web-config.yml"
+    web_config.write_text(
+        yaml.safe_dump({"tls_server_config": {**server, **tls}, **settings}), encoding="utf-8"
+    )
+    return web_config
+
+
 @pytest.fixture(scope="module")
 def secured(
     web_api: FakeStatsApi, ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SecuredExporter]:
     folder = tmp_path_factory.mktemp("web")
-    certificate = ca.issue_cert(HOST)
-    certificate.cert_chain_pems[0].write_to_path(str(folder / "server.crt"))
-    certificate.private_key_pem.write_to_path(str(folder / "server.key"))
     hashed = bcrypt.hashpw(WEB_PASSWORD.encode(), bcrypt.gensalt(rounds=4)).decode()
-    web_config = folder / "web-config.yml"
-    web_config.write_text(
-        yaml.safe_dump(
-            {
-                "tls_server_config": {
-                    "cert_file": str(folder / "server.crt"),
-                    "key_file": str(folder / "server.key"),
-                },
-                "basic_auth_users": {WEB_USER: hashed},
-            }
-        ),
-        encoding="utf-8",
-    )
+    web_config = write_web_config(folder, ca, {}, basic_auth_users={WEB_USER: hashed})
     config = write_config(
         folder,
         {"log": {"level": "debug"}, "targets": [{"name": "shop", "url": web_api.url}]},
@@ -1044,23 +1043,14 @@ def test_extra_states_over_the_cap_are_dropped_and_counted(
 def test_client_certificates_are_required_when_the_web_config_says_so(
     web_api: FakeStatsApi, ca: trustme.CA, tmp_path: Path
 ) -> None:
-    server_certificate = ca.issue_cert(HOST)
-    server_certificate.cert_chain_pems[0].write_to_path(str(tmp_path / "server.crt"))
-    server_certificate.private_key_pem.write_to_path(str(tmp_path / "server.key"))
     ca.cert_pem.write_to_path(str(tmp_path / "clients-ca.crt"))
-    web_config = tmp_path / "web-config.yml"
-    web_config.write_text(
-        yaml.safe_dump(
-            {
-                "tls_server_config": {
-                    "cert_file": str(tmp_path / "server.crt"),
-                    "key_file": str(tmp_path / "server.key"),
-                    "client_auth_type": "RequireAndVerifyClientCert",
-                    "client_ca_file": str(tmp_path / "clients-ca.crt"),
-                }
-            }
-        ),
-        encoding="utf-8",
+    web_config = write_web_config(
+        tmp_path,
+        ca,
+        {
+            "client_auth_type": "RequireAndVerifyClientCert",
+            "client_ca_file": str(tmp_path / "clients-ca.crt"),
+        },
     )
     config = write_config(tmp_path, {"targets": [{"name": "shop", "url": web_api.url}]})
     with_certificate = ssl.create_default_context()

@@ -804,9 +804,7 @@ def test_a_client_that_leaves_mid_answer_is_not_written_to_any_more(
     config = Config(api_max_body_size=64 * 1024 * 1024)
     exporter = running(big_answer(5_000), config)
     for _ in range(3):
-        connection = socket.socket()
-        connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        connection.connect((exporter.host, exporter.port))
+        connection = small_window_connection(exporter)
         connection.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
         assert connection.recv(100).startswith(b"HTTP/1.1 200")
         # Leave with the answer unread: the kernel resets the connection.
