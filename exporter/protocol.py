@@ -241,6 +241,7 @@ class Acceptor:
                     raise
                 self._pause(listener, error)
                 break
+            # Those being set up count nowhere here: connection_made checks the cap again.
             if len(connections.open) + len(self._waiting) >= cap:
                 accepted.close()
                 connections.refuse()
@@ -277,7 +278,7 @@ class Acceptor:
             task = self._loop.create_task(self._connect(accepted))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        if self._waiting:
+        if waiting:
             self._loop.call_soon(self._set_up)
         else:
             self._setting_up = False
