@@ -69,7 +69,8 @@ class ProcessMetrics:
                 "process_cpu_seconds",
                 "Total user and system CPU time spent in seconds.",
                 "counter",
-                rows=[((), (float(fields[11]) + float(fields[12])) / ticks)],
+                # As prometheus_client sums them: (u + s) / t can differ in the last bit.
+                rows=[((), float(fields[11]) / ticks + float(fields[12]) / ticks)],
             ),
             single("process_open_fds", "Number of open file descriptors.", open_fds),
             single("process_max_fds", "Maximum number of open file descriptors.", max_fds),

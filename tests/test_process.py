@@ -67,12 +67,28 @@ def test_open_fds_counts_each_descriptor_without_listing_them(
     assert open_fds(metrics) == before
 
 
+def fake_proc(folder: Path, utime: int = 0, stime: int = 0, fds: int = 0) -> str:
+    """A /proc with this process's stat and `fds` entries in its fd folder."""
+    (folder / "stat").write_text("btime 1700000000\n")
+    (folder / "self" / "fd").mkdir(parents=True)
+    fields = ["S"] + ["0"] * 51
+    fields[11], fields[12], fields[20], fields[21] = str(utime), str(stime), "4096", "10"
+    (folder / "self" / "stat").write_text("1 (a (b) c) " + " ".join(fields))
+    (folder / "self" / "limits").write_text("Max open files 1024 1024 files\n")
+    for fd in range(fds):
+        (folder / "self" / "fd" / str(fd)).touch()
+    return str(folder)
+
+
 def test_open_fds_lists_the_directory_where_its_size_is_no_count(tmp_path: Path) -> None:
-    (tmp_path / "stat").write_text("btime 1700000000\n")
-    (tmp_path / "self" / "fd").mkdir(parents=True)
-    (tmp_path / "self" / "stat").write_bytes(
-        b"1 (a (b) c) S" + b" 0" * 19 + b" 4096 10" + b" 0" * 20
-    )
-    for fd in range(7):
-        (tmp_path / "self" / "fd" / str(fd)).touch()
-    assert open_fds(ProcessMetrics(str(tmp_path))) == 7
+    assert open_fds(ProcessMetrics(fake_proc(tmp_path, fds=7))) == 7
+
+
+def test_cpu_seconds_are_summed_as_prometheus_client_sums_them(tmp_path: Path) -> None:
+    # 1/100 + 20/100 is 0.21000000000000002 in floats, (1 + 20)/100 is 0.21.
+    proc = fake_proc(tmp_path, utime=1, stime=20)
+    registry = CollectorRegistry(auto_describe=False)
+    ProcessCollector(registry=registry, proc=proc)
+    theirs = samples(generate_latest(registry).decode())["process_cpu_seconds"][2]
+    ours = samples(render_text(ProcessMetrics(proc).families()))["process_cpu_seconds"][2]
+    assert ours == theirs
